@@ -1,0 +1,158 @@
+"""The fusion head: labels an incident from any non-empty subset of text, image and audio evidence.
+
+Late fusion. Each *input* has an expert MLP giving label logits; a hotline call feeds two
+inputs (the Whisper embedding, and its transcript through the text expert, which is shared
+with citizen reports). Several events of one input are averaged; the present inputs'
+logits are summed with learned weights. A missing modality simply contributes nothing, so
+every subset is well defined, and the per-modality share of the decision is readable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from streams.schemas import Modality
+from streams.taxonomy import label_names
+
+ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+HEAD_FILE = "fusion_head.safetensors"
+META_FILE = "fusion_head.json"
+
+# Input name -> expert name. The transcript shares the text expert: both are MiniLM vectors.
+INPUT_EXPERT = {"text": "text", "image": "image", "audio": "audio", "transcript": "text"}
+INPUTS = tuple(INPUT_EXPERT)
+INPUT_MODALITY: dict[str, Modality] = {
+    "text": "text", "image": "image", "audio": "audio", "transcript": "audio"
+}
+
+
+class FusionHead(nn.Module):
+    """Per-input experts, masked mean over events, weighted sum over inputs."""
+
+    def __init__(self, dims: dict[str, int], n_labels: int, hidden: int = 256, dropout: float = 0.2):
+        super().__init__()
+        self.dims = dims
+        self.experts = nn.ModuleDict(
+            {
+                name: nn.Sequential(
+                    nn.Dropout(dropout / 2),
+                    nn.Linear(d, hidden),
+                    nn.GELU(),
+                    nn.Dropout(dropout),
+                    nn.Linear(hidden, n_labels),
+                )
+                for name, d in dims.items()
+            }
+        )
+        self.input_weight = nn.Parameter(torch.ones(len(INPUTS)))
+        self.bias = nn.Parameter(torch.zeros(n_labels))
+        # Set by calibration (temperature scaling); 1.0 until then.
+        self.register_buffer("temperature", torch.ones(()))
+
+    def input_logits(
+        self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Per input: (B, L) mean expert logits over its present events (zeros when absent)."""
+        out = {}
+        for name in INPUTS:
+            if name not in x:
+                continue
+            logits = self.experts[INPUT_EXPERT[name]](x[name])  # (B, K, L)
+            m = mask[name].unsqueeze(-1).to(logits.dtype)
+            out[name] = (logits * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return out
+
+    def forward(self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Uncalibrated fused logits (B, L). x[name]: (B, K, d); mask[name]: (B, K) bool."""
+        per_input = self.input_logits(x, mask)
+        total = self.bias.expand(next(iter(mask.values())).shape[0], -1)
+        for i, name in enumerate(INPUTS):
+            if name in per_input:
+                present = mask[name].any(1, keepdim=True).to(total.dtype)
+                total = total + present * self.input_weight[i] * per_input[name]
+        return total
+
+
+@dataclass
+class Evidence:
+    """One embedded event as the head sees it."""
+
+    modality: Modality
+    vector: np.ndarray
+    text_vector: np.ndarray | None = None  # the transcript's MiniLM vector, for calls
+
+
+@dataclass
+class Prediction:
+    """A fused, calibrated verdict."""
+
+    label: str
+    confidence: float
+    probs: dict[str, float]
+    contributions: dict[str, float]
+    modalities: list[Modality]
+
+
+class FusionModel:
+    """The trained head plus its metadata; the only thing services need for labelling."""
+
+    def __init__(self, head: FusionHead, meta: dict[str, object]) -> None:
+        self.head = head.eval()
+        self.meta = meta
+        self.labels = label_names()
+        if list(meta["labels"]) != self.labels:  # type: ignore[call-overload]
+            raise ValueError("fusion head was trained on another label set than configs/labels.json")
+        self.version = str(meta["version"])
+
+    @classmethod
+    def load(cls, folder: Path = ARTIFACT_DIR) -> FusionModel:
+        """Load ``fusion_head.safetensors`` + ``fusion_head.json`` (no pickle)."""
+        meta = json.loads((folder / META_FILE).read_text())
+        head = FusionHead(meta["dims"], len(meta["labels"]), meta["hidden"])
+        head.load_state_dict(load_file(str(folder / HEAD_FILE)), strict=True)
+        return cls(head, meta)
+
+    @staticmethod
+    def batch_inputs(evidence: list[Evidence]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Stack one incident's evidence into the (1, K, d) tensors the head takes."""
+        groups: dict[str, list[np.ndarray]] = {}
+        for ev in evidence:
+            groups.setdefault(ev.modality, []).append(ev.vector)
+            if ev.modality == "audio" and ev.text_vector is not None:
+                groups.setdefault("transcript", []).append(ev.text_vector)
+        x = {k: torch.from_numpy(np.stack(v)).float().unsqueeze(0) for k, v in groups.items()}
+        mask = {k: torch.ones(1, len(v), dtype=torch.bool) for k, v in groups.items()}
+        return x, mask
+
+    @torch.inference_mode()
+    def _probs(self, evidence: list[Evidence]) -> np.ndarray:
+        x, mask = self.batch_inputs(evidence)
+        logits = self.head(x, mask) / self.head.temperature
+        return torch.softmax(logits, -1)[0].numpy()
+
+    def predict(self, evidence: list[Evidence]) -> Prediction:
+        """Label an incident from its evidence (any non-empty subset of modalities)."""
+        if not evidence:
+            raise ValueError("no evidence")
+        probs = self._probs(evidence)
+        top = int(probs.argmax())
+        modalities: list[Modality] = sorted({ev.modality for ev in evidence})  # type: ignore[assignment]
+        contributions: dict[str, float] = {}
+        for m in modalities:
+            rest = [ev for ev in evidence if ev.modality != m]
+            # Leave-one-out: how much this modality moved the winning label's probability.
+            contributions[m] = float(probs[top] - (self._probs(rest)[top] if rest else 0.0))
+        return Prediction(
+            label=self.labels[top],
+            confidence=float(probs[top]),
+            probs={name: float(p) for name, p in zip(self.labels, probs, strict=True)},
+            contributions=contributions,
+            modalities=modalities,
+        )

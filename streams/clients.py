@@ -1,0 +1,120 @@
+"""Connection settings and the producer/consumer/admin factories every service uses."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from pydantic import BaseModel
+
+from streams import topics
+from streams.broker import EmbeddedBroker
+
+# Frames travel inline: both limits go up together (STACK-NOTES §6, "Message size").
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_PARTITION_FETCH_BYTES = 16 * 1024 * 1024
+FETCH_MAX_BYTES = 64 * 1024 * 1024
+
+
+class KafkaSettings(BaseModel):
+    """Where the cluster is and how to authenticate. ``bootstrap_servers=None`` = embedded broker."""
+
+    bootstrap_servers: str | None = None
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    # Local Tansu delays a group join by about session_timeout/2: keep it short here.
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 2000
+
+    def common(self) -> dict[str, Any]:
+        """Keyword arguments shared by every kafka-python client."""
+        if self.bootstrap_servers is None:
+            raise ValueError("bootstrap_servers is not set (start the embedded broker first)")
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_username,
+            "sasl_plain_password": self.sasl_password,
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        kw.update({k: v for k, v in optional.items() if v is not None})
+        return kw
+
+
+def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    """A producer with acks=all, idempotence and room for inline frames."""
+    kw: dict[str, Any] = {
+        "acks": "all",
+        "linger_ms": 5,
+        "batch_size": 1024 * 1024,
+        "max_request_size": MAX_REQUEST_BYTES,
+        "enable_idempotence": True,
+    }
+    kw.update(overrides)
+    return KafkaProducer(**settings.common(), **kw)
+
+
+def make_consumer(
+    settings: KafkaSettings, group_id: str | None, *topic_names: str, **overrides: Any
+) -> KafkaConsumer:
+    """A consumer that starts at the earliest offset and commits only when told to."""
+    kw: dict[str, Any] = {
+        "group_id": group_id,
+        "auto_offset_reset": "earliest",
+        "enable_auto_commit": False,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_partition_fetch_bytes": MAX_PARTITION_FETCH_BYTES,
+        "fetch_max_bytes": FETCH_MAX_BYTES,
+    }
+    kw.update(overrides)
+    return KafkaConsumer(*topic_names, **settings.common(), **kw)
+
+
+def ensure_topics(settings: KafkaSettings, specs: tuple[topics.TopicSpec, ...] = topics.ALL_TOPICS) -> None:
+    """Create the pipeline's topics that do not exist yet."""
+    admin = KafkaAdminClient(**settings.common())
+    try:
+        existing = set(admin.list_topics())
+        new = [
+            NewTopic(
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=1,
+                topic_configs={"retention.ms": str(s.retention_ms)},
+            )
+            for s in specs
+            if s.name not in existing
+        ]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+    finally:
+        admin.close()
+
+
+@contextlib.contextmanager
+def cluster(settings: KafkaSettings) -> Iterator[KafkaSettings]:
+    """Yield settings for a ready cluster with all topics: the given one, or a fresh embedded broker."""
+    if settings.bootstrap_servers is not None:
+        ensure_topics(settings)
+        yield settings
+        return
+    with EmbeddedBroker() as broker:
+        live = settings.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
+        ensure_topics(live)
+        yield live

@@ -1,0 +1,43 @@
+"""The label taxonomy, read once from ``configs/labels.json`` (its only home)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Label(BaseModel):
+    """One incident label: its index in model outputs, name, prompt text and dashboard colour."""
+
+    id: int
+    name: str
+    description: str
+    colour: str
+
+
+@lru_cache(maxsize=1)
+def labels() -> tuple[Label, ...]:
+    """All labels, ordered by id (the order of every model's output vector)."""
+    raw = json.loads((CONFIG_DIR / "labels.json").read_text(encoding="utf-8"))
+    items = sorted((Label(**d) for d in raw["labels"]), key=lambda lab: lab.id)
+    if [lab.id for lab in items] != list(range(len(items))):
+        raise ValueError("configs/labels.json: label ids must be 0..n-1")
+    return tuple(items)
+
+
+def label_names() -> list[str]:
+    """Label names in model-output order."""
+    return [lab.name for lab in labels()]
+
+
+def label_index(name: str) -> int:
+    """Index of a label name; raises KeyError for an unknown label."""
+    for lab in labels():
+        if lab.name == name:
+            return lab.id
+    raise KeyError(name)
