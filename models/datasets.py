@@ -34,7 +34,9 @@ def text_table(root: Path | None = None) -> pl.DataFrame:
     """City reports: key, text, label, group, lang."""
     root = root or data_dir()
     df = pl.read_csv(root / "text" / "city_reports.csv")
-    return _check_labels(df.select(pl.col("id").alias("key"), "text", "label", "group", "lang"), "text")
+    return _check_labels(
+        df.select(pl.col("id").alias("key"), "text", "label", "group", "lang"), "text"
+    )
 
 
 def image_table(root: Path | None = None) -> pl.DataFrame:
@@ -46,7 +48,10 @@ def image_table(root: Path | None = None) -> pl.DataFrame:
         pl.col("path").alias("key"),
         (pl.lit(str(folder) + "/") + pl.col("path")).alias("path"),
     )
-    return _check_labels(df.select("key", "path", "label", "group", "camera_id", "source", "license", "frame_index"), "images")
+    return _check_labels(
+        df.select("key", "path", "label", "group", "camera_id", "source", "license", "frame_index"),
+        "images",
+    )
 
 
 def audio_table(root: Path | None = None) -> pl.DataFrame:
@@ -58,4 +63,9 @@ def audio_table(root: Path | None = None) -> pl.DataFrame:
         pl.col("path").alias("key"),
         (pl.lit(str(folder) + "/") + pl.col("path")).alias("path"),
     )
-    return _check_labels(df.select("key", "path", "label", "group", "sentence_id", "transcript", "duration_s", "source"), "audio")
+    return _check_labels(
+        df.select(
+            "key", "path", "label", "group", "sentence_id", "transcript", "duration_s", "source"
+        ),
+        "audio",
+    )

@@ -49,7 +49,7 @@ def cached(
     data = compute()
     data["keys"] = np.array(keys)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **data)
+    np.savez(tmp, **data)  # type: ignore[arg-type]
     tmp.replace(path)
     return data
 
@@ -80,7 +80,10 @@ def image_embeddings(df: pl.DataFrame, encoder: object) -> dict[str, np.ndarray]
         return {"image": encoder.encode([decode_image(Path(p).read_bytes()) for p in batch])}
 
     return cached(
-        "image", encoder.version, df["key"].to_list(), lambda: _batched(paths, run, 32, "embed frames")
+        "image",
+        encoder.version,
+        df["key"].to_list(),
+        lambda: _batched(paths, run, 32, "embed frames"),
     )
 
 

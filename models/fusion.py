@@ -29,14 +29,19 @@ META_FILE = "fusion_head.json"
 INPUT_EXPERT = {"text": "text", "image": "image", "audio": "audio", "transcript": "text"}
 INPUTS = tuple(INPUT_EXPERT)
 INPUT_MODALITY: dict[str, Modality] = {
-    "text": "text", "image": "image", "audio": "audio", "transcript": "audio"
+    "text": "text",
+    "image": "image",
+    "audio": "audio",
+    "transcript": "audio",
 }
 
 
 class FusionHead(nn.Module):
     """Per-input experts, masked mean over events, weighted sum over inputs."""
 
-    def __init__(self, dims: dict[str, int], n_labels: int, hidden: int = 256, dropout: float = 0.2):
+    def __init__(
+        self, dims: dict[str, int], n_labels: int, hidden: int = 256, dropout: float = 0.2
+    ):
         super().__init__()
         self.dims = dims
         self.experts = nn.ModuleDict(
@@ -108,7 +113,9 @@ class FusionModel:
         self.meta = meta
         self.labels = label_names()
         if list(meta["labels"]) != self.labels:  # type: ignore[call-overload]
-            raise ValueError("fusion head was trained on another label set than configs/labels.json")
+            raise ValueError(
+                "fusion head was trained on another label set than configs/labels.json"
+            )
         self.version = str(meta["version"])
 
     @classmethod
@@ -120,7 +127,9 @@ class FusionModel:
         return cls(head, meta)
 
     @staticmethod
-    def batch_inputs(evidence: list[Evidence]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def batch_inputs(
+        evidence: list[Evidence],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Stack one incident's evidence into the (1, K, d) tensors the head takes."""
         groups: dict[str, list[np.ndarray]] = {}
         for ev in evidence:
@@ -143,7 +152,7 @@ class FusionModel:
             raise ValueError("no evidence")
         probs = self._probs(evidence)
         top = int(probs.argmax())
-        modalities: list[Modality] = sorted({ev.modality for ev in evidence})  # type: ignore[assignment]
+        modalities: list[Modality] = sorted({ev.modality for ev in evidence})
         contributions: dict[str, float] = {}
         for m in modalities:
             rest = [ev for ev in evidence if ev.modality != m]

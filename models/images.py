@@ -39,6 +39,12 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
             return img.convert("RGB")
     except RejectedInput:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise RejectedInput("decode", "image_decode_error", f"{type(e).__name__}: {e}"[:300]) from e

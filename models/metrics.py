@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def per_class(
     return out
 
 
-def macro_f1(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None) -> float:
+def macro_f1(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None
+) -> float:
     """Mean F1 over ``labels`` (default: the labels present in the ground truth)."""
     labs = sorted(set(y_true)) if labels is None else list(labels)
     if not labs:
@@ -50,11 +53,13 @@ def confusion(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str
     return mat
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
+) -> float:
     """ECE: weighted mean gap between confidence and accuracy over equal-width bins."""
     edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         sel = (confidence > lo) & (confidence <= hi)
         if sel.any():
             ece += sel.mean() * abs(confidence[sel].mean() - correct[sel].mean())
@@ -78,8 +83,14 @@ def plot_confusion(mat: np.ndarray, labels: Sequence[str], path: Path, title: st
     for i in range(mat.shape[0]):
         for j in range(mat.shape[1]):
             if mat[i, j]:
-                ax.text(j, i, str(mat[i, j]), ha="center", va="center",
-                        color="white" if mat[i, j] > mat.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(mat[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if mat[i, j] > mat.max() / 2 else "black",
+                )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

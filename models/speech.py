@@ -12,6 +12,9 @@ from models.whisper_convert import load_whisper, model_version
 
 # The encoder emits one frame per 320 samples (20 ms): mel hop 160, then a stride-2 conv.
 _SAMPLES_PER_FRAME = whisper.audio.N_SAMPLES_PER_TOKEN
+# Greedy decoding sometimes loops ("by by by ..."); uncapped, one such clip holds the whole batch
+# for 224 decoder steps. Speech rarely tops ~6 tokens/s (this data set: at most 5), so cap at 10/s.
+_MAX_TOKENS_PER_SECOND = 10
 
 
 class SpeechEncoder:
@@ -51,6 +54,10 @@ class SpeechEncoder:
         ]
         pooled = torch.stack([f[:n].mean(0) for f, n in zip(features, n_frames, strict=True)])
         embeddings = torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
+        seconds = min(max(map(len, audios)), whisper.audio.N_SAMPLES) / whisper.audio.SAMPLE_RATE
+        max_tokens = min(
+            math.ceil(seconds * _MAX_TOKENS_PER_SECOND) + 8, self.model.dims.n_text_ctx // 2
+        )
         # decode() skips its own encoder pass when given features of shape (n, n_audio_ctx, dim).
-        results = whisper.decode(self.model, features, self._options)
+        results = whisper.decode(self.model, features, self._options, sample_len=max_tokens)
         return embeddings, [r.text.strip() for r in results]

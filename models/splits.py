@@ -15,7 +15,9 @@ def _rank(name: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}:{name}".encode()).hexdigest()
 
 
-def grouped_split(df: pl.DataFrame, val_fraction: float = 0.2, salt: str = "cityfuse-v1") -> pl.Series:
+def grouped_split(
+    df: pl.DataFrame, val_fraction: float = 0.2, salt: str = "cityfuse-v1"
+) -> pl.Series:
     """Boolean Series, True for validation rows.
 
     For each label, groups holding that label (by their majority label) are ordered by a
@@ -23,12 +25,17 @@ def grouped_split(df: pl.DataFrame, val_fraction: float = 0.2, salt: str = "city
     reached, with at least one group per label when the label has two or more groups.
     """
     major = (
-        df.group_by("group", "label").len().sort("len", descending=True).unique("group", keep="first")
+        df.group_by("group", "label")
+        .len()
+        .sort("len", descending=True)
+        .unique("group", keep="first")
     )
     sizes = dict(zip(*df.group_by("group").len().to_dict(as_series=False).values(), strict=True))
     val_groups: set[str] = set()
     for label in sorted(major["label"].unique()):
-        groups = sorted(major.filter(pl.col("label") == label)["group"], key=lambda g: _rank(g, salt))
+        groups = sorted(
+            major.filter(pl.col("label") == label)["group"], key=lambda g: _rank(g, salt)
+        )
         if len(groups) < 2:
             continue
         total = sum(sizes[g] for g in groups)

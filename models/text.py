@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from models.weights import MINILM_SHA256, minilm_dir
 
@@ -16,6 +17,7 @@ class TextEncoder:
     dim = 384
 
     def __init__(self, max_length: int = 256) -> None:
+        hf_logging.disable_progress_bar()  # the services print their own progress
         folder = minilm_dir()
         self.version = f"minilm-{MINILM_SHA256[:12]}"
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -182,7 +183,9 @@ def evaluate_head(
     return report, torch.cat(all_logits), torch.cat(all_y)
 
 
-def load_pools(with_audio: bool = True) -> tuple[dict[str, Pool], dict[str, Pool], dict[str, object]]:
+def load_pools(
+    with_audio: bool = True,
+) -> tuple[dict[str, Pool], dict[str, Pool], dict[str, object]]:
     """Embed (or load cached embeddings of) the development data and split it by group."""
     from models.datasets import audio_table, image_table, text_table
     from models.embed_cache import audio_embeddings, image_embeddings, text_embeddings
@@ -211,7 +214,9 @@ def load_pools(with_audio: bool = True) -> tuple[dict[str, Pool], dict[str, Pool
 
         adf = audio_table()
         emb = audio_embeddings(adf, SpeechEncoder(), text_enc)
-        pools["audio"] = Pool({"audio": emb["audio"], "transcript": emb["transcript_vec"]}, labels(adf))
+        pools["audio"] = Pool(
+            {"audio": emb["audio"], "transcript": emb["transcript_vec"]}, labels(adf)
+        )
         tr, va = audio_split(adf)
         train_mask["audio"], val_mask["audio"] = tr.to_numpy(), va.to_numpy()
         info["audio_val_voices"] = sorted(adf.filter(va)["group"].unique())
@@ -233,19 +238,27 @@ def run_training(out_dir: Path = ARTIFACT_DIR, cfg: TrainConfig | None = None) -
         probs.max(-1).values.numpy(), (probs.argmax(-1) == y).numpy()
     )
     temperature = fit_temperature(logits, y)
-    head.temperature.fill_(temperature)
+    head.temperature.fill_(temperature)  # type: ignore[operator]
     probs = torch.softmax(logits / temperature, -1)
     ece_after = metrics.expected_calibration_error(
         probs.max(-1).values.numpy(), (probs.argmax(-1) == y).numpy()
     )
-    report["calibration"] = {"temperature": temperature, "ece_before": ece_before, "ece_after": ece_after}
+    report["calibration"] = {
+        "temperature": temperature,
+        "ece_before": ece_before,
+        "ece_after": ece_after,
+    }
     meta = write_artifact(head, cfg, report, info, out_dir)
     print_report(report)
     return meta
 
 
 def write_artifact(
-    head: FusionHead, cfg: TrainConfig, report: dict[str, object], info: dict[str, object], out_dir: Path
+    head: FusionHead,
+    cfg: TrainConfig,
+    report: dict[str, object],
+    info: dict[str, object],
+    out_dir: Path,
 ) -> dict[str, object]:
     """Save the head (safetensors), its metadata and a model card."""
     from models.weights import EFFNET_LITE0_SHA256, MINILM_SHA256
@@ -279,7 +292,7 @@ def _whisper_sha() -> str:
     return str(getattr(whisper_convert, "TINY_EN_SHA256", "see models/whisper_convert.py"))
 
 
-def model_card(meta: dict[str, object]) -> str:
+def model_card(meta: dict[str, Any]) -> str:
     """Markdown model card from the artifact metadata."""
     rep = meta["validation"]
     assert isinstance(rep, dict)
@@ -289,7 +302,7 @@ def model_card(meta: dict[str, object]) -> str:
         if isinstance(v, dict) and "accuracy" in v
     )
     cal = rep["calibration"]
-    base = "\n".join(f"- {k}: `{v}`" for k, v in meta["base_weights"].items())  # type: ignore[attr-defined]
+    base = "\n".join(f"- {k}: `{v}`" for k, v in meta["base_weights"].items())
     return f"""# Model card: CityFuse fusion head `{meta["version"]}`
 
 Late-fusion classification head over frozen encoders (MiniLM text, EfficientNet-Lite0
@@ -340,4 +353,6 @@ def print_report(report: dict[str, object]) -> None:
     console.print(table)
     cal = report["calibration"]
     assert isinstance(cal, dict)
-    console.print(f"temperature {cal['temperature']:.3f}, ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}")
+    console.print(
+        f"temperature {cal['temperature']:.3f}, ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}"
+    )

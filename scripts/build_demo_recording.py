@@ -67,7 +67,9 @@ def main() -> None:
 
     texts = text_table()
     texts = texts.filter(grouped_split(texts))
-    texts = texts.filter((pl.col("text").str.len_chars() >= 60) & ~pl.col("text").str.starts_with("RT "))
+    texts = texts.filter(
+        (pl.col("text").str.len_chars() >= 60) & ~pl.col("text").str.starts_with("RT ")
+    )
     images = image_table()
     images = images.filter(grouped_split(images))
     audio = audio_table()
@@ -81,8 +83,14 @@ def main() -> None:
     provenance: list[dict[str, str]] = []
     used: set[str] = set()
 
-    def pick(df: pl.DataFrame, label: str, n: int, same_camera: bool = False) -> list[dict[str, str]]:
-        rows = [r for r in df.filter(pl.col("label") == label).iter_rows(named=True) if r["key"] not in used]
+    def pick(
+        df: pl.DataFrame, label: str, n: int, same_camera: bool = False
+    ) -> list[dict[str, str]]:
+        rows = [
+            r
+            for r in df.filter(pl.col("label") == label).iter_rows(named=True)
+            if r["key"] not in used
+        ]
         if same_camera and n > 1:
             cams: dict[str, list[dict[str, str]]] = {}
             for r in rows:
@@ -103,34 +111,74 @@ def main() -> None:
     for i, (label, n_text, n_img, n_call, with_id) in enumerate(PLAN):
         angle = 2 * math.pi * i / len(PLAN)
         radius = 0.02 + 0.01 * (i % 3)  # degrees: incidents km apart
-        lat, lon = cell_centre(CENTRE[0] + radius * math.sin(angle), CENTRE[1] + radius * math.cos(angle))
+        lat, lon = cell_centre(
+            CENTRE[0] + radius * math.sin(angle), CENTRE[1] + radius * math.cos(angle)
+        )
         incident_id = f"demo-{i:02d}" if with_id else None
         t = 6.0 * i
         truth = {"label": label, "incident_id": incident_id or f"geo-demo-{i:02d}"}
         items: list[tuple[str, dict[str, object]]] = []
         for r in pick(texts, label, n_text):
-            items.append((topics.TEXT, {"text": r["text"], "lang": r["lang"], "source": "citizen_app"}))
-            provenance.append({"event": f"text of incident {i}", "id": r["key"], "group": r["group"],
-                               "from": "shared/data/text/city_reports.csv"})
+            items.append(
+                (topics.TEXT, {"text": r["text"], "lang": r["lang"], "source": "citizen_app"})
+            )
+            provenance.append(
+                {
+                    "event": f"text of incident {i}",
+                    "id": r["key"],
+                    "group": r["group"],
+                    "from": "shared/data/text/city_reports.csv",
+                }
+            )
         for r in pick(images, label, n_img, same_camera=True):
             src = Path(r["path"])
             name = f"media/inc{i:02d}_{src.name}"
             shutil.copy(src, out / name)
             cam = r["camera_id"] or f"cam-{i:02d}"
-            items.append((topics.FRAMES, {
-                "camera_id": cam, "frame_index": int(r["frame_index"]) if r["frame_index"] else 0,
-                "media": {"content_type": "image/jpeg", "path": name}, "source": "cctv"}))
-            provenance.append({"file": name, "from": f"shared/data/images/{r['key']}", "group": r["group"],
-                               "source": r["source"], "license": r["license"]})
+            items.append(
+                (
+                    topics.FRAMES,
+                    {
+                        "camera_id": cam,
+                        "frame_index": int(r["frame_index"]) if r["frame_index"] else 0,
+                        "media": {"content_type": "image/jpeg", "path": name},
+                        "source": "cctv",
+                    },
+                )
+            )
+            provenance.append(
+                {
+                    "file": name,
+                    "from": f"shared/data/images/{r['key']}",
+                    "group": r["group"],
+                    "source": r["source"],
+                    "license": r["license"],
+                }
+            )
         for r in pick(audio, label, n_call):
             src = Path(r["path"])
             name = f"media/inc{i:02d}_{src.name}"
             shutil.copy(src, out / name)
-            items.append((topics.CALLS, {
-                "call_id": f"call-{i:02d}-{src.stem}", "duration_s": float(r["duration_s"]),
-                "media": {"content_type": "audio/ogg", "path": name}, "source": "hotline"}))
-            provenance.append({"file": name, "from": f"shared/data/audio/{r['key']}", "group": r["group"],
-                               "source": r["source"], "license": "written for the project; synthetic TTS"})
+            items.append(
+                (
+                    topics.CALLS,
+                    {
+                        "call_id": f"call-{i:02d}-{src.stem}",
+                        "duration_s": float(r["duration_s"]),
+                        "media": {"content_type": "audio/ogg", "path": name},
+                        "source": "hotline",
+                    },
+                )
+            )
+            provenance.append(
+                {
+                    "file": name,
+                    "from": f"shared/data/audio/{r['key']}",
+                    "group": r["group"],
+                    "source": r["source"],
+                    "license": "written for the project; synthetic TTS",
+                }
+            )
         rng.shuffle(items)
         for j, (topic, msg) in enumerate(items):
             te = t + 1.5 * j + rng.random()
@@ -154,25 +202,49 @@ def main() -> None:
     noise.write_bytes(bytes(rng.randrange(256) for _ in range(4000)))
     end = 6.0 * len(PLAN)
     bad = [
-        (topics.FRAMES, {"camera_id": "cam-broken", "media": {"content_type": "image/jpeg", "path": "media/corrupt.jpg"}}),
-        (topics.CALLS, {"call_id": "call-noise", "media": {"content_type": "audio/ogg", "path": "media/noise.ogg"}}),
+        (
+            topics.FRAMES,
+            {
+                "camera_id": "cam-broken",
+                "media": {"content_type": "image/jpeg", "path": "media/corrupt.jpg"},
+            },
+        ),
+        (
+            topics.CALLS,
+            {
+                "call_id": "call-noise",
+                "media": {"content_type": "audio/ogg", "path": "media/noise.ogg"},
+            },
+        ),
         (topics.TEXT, {"lang": "en"}),  # no text: fails validation
     ]
     for k, (topic, msg) in enumerate(bad):
-        message = {"schema_version": 1, "event_id": f"demo-bad-{k}",
-                   "ts": (BASE_TS + timedelta(seconds=end + k)).isoformat().replace("+00:00", "Z"),
-                   "source": "fault-injection", **msg}
+        message = {
+            "schema_version": 1,
+            "event_id": f"demo-bad-{k}",
+            "ts": (BASE_TS + timedelta(seconds=end + k)).isoformat().replace("+00:00", "Z"),
+            "source": "fault-injection",
+            **msg,
+        }
         events.append(RecordedEvent(t=end + k, topic=topic, message=message, truth=None))
 
     events.sort(key=lambda e: e.t)
     manifest = Manifest(
         name="demo",
-        description=("14 incidents over all seven labels, built from held-out groups of "
-                     "../shared/data (never trained on), plus 3 bad inputs for the DLQ."),
+        description=(
+            "14 incidents over all seven labels, built from held-out groups of "
+            "../shared/data (never trained on), plus 3 bad inputs for the DLQ."
+        ),
         labels=label_names(),
         tasks=["label"],
-        provenance=[{"built_by": "scripts/build_demo_recording.py", "seed": str(args.seed),
-                     "data": str(root)}, *provenance],
+        provenance=[
+            {
+                "built_by": "scripts/build_demo_recording.py",
+                "seed": str(args.seed),
+                "data": str(root),
+            },
+            *provenance,
+        ],
     )
     (out / "manifest.json").write_text(manifest.model_dump_json(indent=2))
     with (out / "events.jsonl").open("w") as f:

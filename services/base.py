@@ -64,14 +64,22 @@ class BatchService(ABC):
         """Outputs due without new input (timers); none by default."""
         return ()
 
-    def on_start(self) -> None:
+    def on_start(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Hook run once the clients exist, before the first poll."""
 
     def reject(self, err: RejectedInput, rec: ConsumerRecord) -> Output:
         """The DLQ output for a bad record (keyed like the original)."""
         metrics.DLQ.labels(self.name, err.stage, err.reason).inc()
-        log.warning("%s: %s/%s at %s[%s]@%s: %s", self.name, err.stage, err.reason,
-                    rec.topic, rec.partition, rec.offset, err.detail)
+        log.warning(
+            "%s: %s/%s at %s[%s]@%s: %s",
+            self.name,
+            err.stage,
+            err.reason,
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            err.detail,
+        )
         dl = dead_letter(err, rec.topic, rec.value or b"", rec.key, rec.partition, rec.offset)
         key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
         return Output(topics.DLQ, key, to_bytes(dl))

@@ -25,11 +25,20 @@ DEMO_RECORDING = REPO / "recordings" / "demo"
 def kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add the cluster options every command takes, folded into one ``settings`` argument."""
     opts = [
-        click.option("--bootstrap-servers", default=None, envvar="CITYFUSE_BOOTSTRAP_SERVERS",
-                     help="Use this Kafka cluster (host:port,...) instead of the embedded broker."),
-        click.option("--security-protocol", default="PLAINTEXT",
-                     type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])),
-        click.option("--sasl-mechanism", default=None, help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
+        click.option(
+            "--bootstrap-servers",
+            default=None,
+            envvar="CITYFUSE_BOOTSTRAP_SERVERS",
+            help="Use this Kafka cluster (host:port,...) instead of the embedded broker.",
+        ),
+        click.option(
+            "--security-protocol",
+            default="PLAINTEXT",
+            type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]),
+        ),
+        click.option(
+            "--sasl-mechanism", default=None, help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+        ),
         click.option("--sasl-username", default=None, envvar="CITYFUSE_SASL_USERNAME"),
         click.option("--sasl-password", default=None, envvar="CITYFUSE_SASL_PASSWORD"),
         click.option("--ssl-cafile", default=None, type=click.Path(exists=True, dir_okay=False)),
@@ -39,8 +48,16 @@ def kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(**kw: Any) -> Any:
-        names = ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username",
-                 "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+        names = (
+            "bootstrap_servers",
+            "security_protocol",
+            "sasl_mechanism",
+            "sasl_username",
+            "sasl_password",
+            "ssl_cafile",
+            "ssl_certfile",
+            "ssl_keyfile",
+        )
         settings = KafkaSettings(**{n: kw.pop(n) for n in names})
         return fn(settings=settings, **kw)
 
@@ -53,17 +70,44 @@ def kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-v", "--verbose", is_flag=True, help="Log service activity.")
 def cli(verbose: bool) -> None:
     """CityFuse: city signals in, labelled incident alerts out."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(threadName)s %(levelname)s %(message)s",
+    )
 
 
 @cli.command()
-@click.option("--recording", type=click.Path(path_type=Path), default=DEMO_RECORDING, show_default=True)
-@click.option("--speed", type=float, default=4.0, show_default=True, help="Replay speed factor (0 = as fast as possible).")
-@click.option("--summary-json", type=click.Path(path_type=Path), default=None, help="Write the summary here as JSON.")
-@click.option("--timeout", type=float, default=180.0, show_default=True, help="Seconds to wait for alerts after replay.")
+@click.option(
+    "--recording", type=click.Path(path_type=Path), default=DEMO_RECORDING, show_default=True
+)
+@click.option(
+    "--speed",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="Replay speed factor (0 = as fast as possible).",
+)
+@click.option(
+    "--summary-json",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the summary here as JSON.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=180.0,
+    show_default=True,
+    help="Seconds to wait for alerts after replay.",
+)
 @kafka_options
-def demo(settings: KafkaSettings, recording: Path, speed: float, summary_json: Path | None, timeout: float) -> None:
+def demo(
+    settings: KafkaSettings,
+    recording: Path,
+    speed: float,
+    summary_json: Path | None,
+    timeout: float,
+) -> None:
     """Start the broker and all services, replay the demo recording, show alerts live, summarise."""
     from services.demo import run_demo
 
@@ -72,7 +116,13 @@ def demo(settings: KafkaSettings, recording: Path, speed: float, summary_json: P
 
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--speed", type=float, default=1.0, show_default=True, help="Replay speed factor (0 = as fast as possible).")
+@click.option(
+    "--speed",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Replay speed factor (0 = as fast as possible).",
+)
 @kafka_options
 def replay(settings: KafkaSettings, folder: Path, speed: float) -> None:
     """Replay a recording into the input topics."""
@@ -82,8 +132,10 @@ def replay(settings: KafkaSettings, folder: Path, speed: float) -> None:
 
     read_recording(folder)
     if settings.bootstrap_servers is None:
-        console.print("[yellow]no --bootstrap-servers: replaying into a fresh embedded broker "
-                      "that stops when the replay ends")
+        console.print(
+            "[yellow]no --bootstrap-servers: replaying into a fresh embedded broker "
+            "that stops when the replay ends"
+        )
     with cluster(settings) as live:
         stats = do_replay(live, folder, speed)
     console.print(f"sent {stats.sent} events in {stats.seconds:.1f}s: {stats.by_topic}")
@@ -91,12 +143,24 @@ def replay(settings: KafkaSettings, folder: Path, speed: float) -> None:
 
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("metrics.json"), show_default=True)
-@click.option("--via-kafka", is_flag=True, help="Replay through the running pipeline and score the alerts.")
-@click.option("--speed", type=float, default=0.0, show_default=True, help="Replay speed with --via-kafka (0 = as fast as possible).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("metrics.json"), show_default=True
+)
+@click.option(
+    "--via-kafka", is_flag=True, help="Replay through the running pipeline and score the alerts."
+)
+@click.option(
+    "--speed",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Replay speed with --via-kafka (0 = as fast as possible).",
+)
 @click.option("--timeout", type=float, default=240.0, show_default=True)
 @kafka_options
-def evaluate(settings: KafkaSettings, folder: Path, out: Path, via_kafka: bool, speed: float, timeout: float) -> None:
+def evaluate(
+    settings: KafkaSettings, folder: Path, out: Path, via_kafka: bool, speed: float, timeout: float
+) -> None:
     """Score a recording against its ground truth; writes JSON and a confusion-matrix PNG."""
     from services.evaluate import evaluate as do_evaluate
 
@@ -109,7 +173,9 @@ SERVICES = ("text", "vision", "speech", "fusion", "sink", "all")
 
 @cli.command()
 @click.argument("service", type=click.Choice(SERVICES))
-@click.option("--metrics-port", type=int, default=None, help="Expose Prometheus metrics on this port.")
+@click.option(
+    "--metrics-port", type=int, default=None, help="Expose Prometheus metrics on this port."
+)
 @kafka_options
 def serve(settings: KafkaSettings, service: str, metrics_port: int | None) -> None:
     """Run one service (or all) until SIGTERM/Ctrl-C; finishes the batch in hand and commits."""
@@ -122,18 +188,22 @@ def serve(settings: KafkaSettings, service: str, metrics_port: int | None) -> No
 @click.option("--port", type=int, default=None, help="Loopback port (default: a free one).")
 def broker(port: int | None) -> None:
     """Run the embedded broker (with all topics) until Ctrl-C."""
-    from streams.clients import cluster
     from streams.broker import EmbeddedBroker
+    from streams.clients import cluster
 
-    with EmbeddedBroker(port) as b:
-        with cluster(KafkaSettings(bootstrap_servers=b.bootstrap_servers)):
-            console.print(f"embedded broker ready: --bootstrap-servers {b.bootstrap_servers}")
-            threading.Event().wait()
+    with EmbeddedBroker(port) as b, cluster(KafkaSettings(bootstrap_servers=b.bootstrap_servers)):
+        console.print(f"embedded broker ready: --bootstrap-servers {b.bootstrap_servers}")
+        threading.Event().wait()
 
 
 @cli.command()
 @click.option("--steps", type=int, default=1500, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Artifact folder (default models/artifacts).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Artifact folder (default models/artifacts).",
+)
 def train(steps: int, out: Path | None) -> None:
     """Embed ../shared/data (cached), train and calibrate the fusion head, write artifact + model card."""
     from models.fusion import ARTIFACT_DIR
@@ -190,10 +260,20 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted after {time.monotonic() - t0:.1f}s; services stopped cleanly")
+        console.print(
+            f"[yellow]interrupted after {time.monotonic() - t0:.1f}s; services stopped cleanly"
+        )
         sys.exit(130)
-    except (RecordingError, BrokerError, WeightsError, KafkaError, FileNotFoundError,
-            ValueError, RuntimeError, json.JSONDecodeError) as e:
+    except (
+        RecordingError,
+        BrokerError,
+        WeightsError,
+        KafkaError,
+        FileNotFoundError,
+        ValueError,
+        RuntimeError,
+        json.JSONDecodeError,
+    ) as e:
         console.print(f"[red]error:[/] {type(e).__name__}: {e}".splitlines()[0])
         sys.exit(2)
 

@@ -19,8 +19,13 @@ from streams.recording import read_recording
 from streams.schemas import Alert
 
 
-def run_demo(settings: KafkaSettings, recording: Path, speed: float, summary_json: Path | None,
-             timeout_s: float) -> dict[str, Any]:
+def run_demo(
+    settings: KafkaSettings,
+    recording: Path,
+    speed: float,
+    summary_json: Path | None,
+    timeout_s: float,
+) -> dict[str, Any]:
     """Run the demo and return (and optionally write) its summary."""
     t0 = time.monotonic()
     manifest, events = read_recording(recording)
@@ -34,8 +39,11 @@ def run_demo(settings: KafkaSettings, recording: Path, speed: float, summary_jso
 
             def on_alert(a: Alert) -> None:
                 latest[a.alert_id] = a
-                view.update(alerts_table(sorted(latest.values(), key=lambda x: x.first_event_ts),
-                                         "alerts (live)"))
+                view.update(
+                    alerts_table(
+                        sorted(latest.values(), key=lambda x: x.first_event_ts), "alerts (live)"
+                    )
+                )
 
             run = run_via_kafka(recording, live_settings, models, speed, timeout_s, on_alert)
         result = kafka_metrics(run, models.fusion)
@@ -67,7 +75,10 @@ def print_summary(s: dict[str, Any]) -> None:
     t.add_row("alerts (versions)", f"{s['alerts']} ({s['alert_versions']})")
     t.add_row("incidents", str(s["incidents"]))
     t.add_row("incident accuracy", f"{s['incident_accuracy']:.3f}")
-    t.add_row("ingest→alert p50 / p95", f"{s['latency_ms']['p50']:.0f} ms / {s['latency_ms']['p95']:.0f} ms")
+    t.add_row(
+        "ingest→alert p50 / p95",
+        f"{s['latency_ms']['p50']:.0f} ms / {s['latency_ms']['p95']:.0f} ms",
+    )
     t.add_row("dead letters", f"{s['dlq']['count']} {s['dlq']['by_reason']}")
     t.add_row("wall time", f"{s['seconds']} s" + (" (timed out waiting)" if s["timed_out"] else ""))
     console.print(t)

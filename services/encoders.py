@@ -22,8 +22,8 @@ from streams.correlation import correlation_key
 from streams.errors import RejectedInput
 from streams.schemas import (
     CameraFrame,
-    EncoderRef,
     Embedding,
+    EncoderRef,
     HotlineCall,
     InputEvent,
     Modality,
@@ -35,7 +35,11 @@ from streams.serde import from_bytes, media_bytes, to_bytes
 
 def _ingest_ts(rec: ConsumerRecord) -> str:
     """When the record was produced (the Kafka record timestamp), as ISO 8601 UTC."""
-    return datetime.fromtimestamp(rec.timestamp / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(rec.timestamp / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 class EncoderService(BatchService):
@@ -71,7 +75,7 @@ class EncoderService(BatchService):
             return outs
         try:
             results = self.embed([g[2] for g in good])
-        except Exception as e:  # noqa: BLE001 - any model failure must not stop the service
+        except Exception as e:
             err = RejectedInput("infer", "inference_error", f"{type(e).__name__}: {e}")
             return outs + [self.reject(err, rec) for rec, _, _ in good]
         for (rec, event, _), fields in zip(good, results, strict=True):
@@ -101,7 +105,13 @@ class TextService(EncoderService):
     modality: Modality = "text"
     schema = TextReport
 
-    def __init__(self, settings: KafkaSettings, encoder: TextEncoder, stop: threading.Event | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        encoder: TextEncoder,
+        stop: threading.Event | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(settings, stop, batch_max=kw.pop("batch_max", 64), **kw)
         self.encoder = encoder
 
@@ -125,8 +135,14 @@ class VisionService(EncoderService):
     modality: Modality = "image"
     schema = CameraFrame
 
-    def __init__(self, settings: KafkaSettings, encoder: VisionEncoder, stop: threading.Event | None = None,
-                 limits: ImageLimits = ImageLimits(), **kw: Any) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        encoder: VisionEncoder,
+        stop: threading.Event | None = None,
+        limits: ImageLimits = ImageLimits(),
+        **kw: Any,
+    ) -> None:
         super().__init__(settings, stop, batch_max=kw.pop("batch_max", 16), **kw)
         self.encoder = encoder
         self.limits = limits
@@ -151,8 +167,15 @@ class SpeechService(EncoderService):
     modality: Modality = "audio"
     schema = HotlineCall
 
-    def __init__(self, settings: KafkaSettings, speech: SpeechEncoder, text: TextEncoder,
-                 stop: threading.Event | None = None, limits: AudioLimits = AudioLimits(), **kw: Any) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        speech: SpeechEncoder,
+        text: TextEncoder,
+        stop: threading.Event | None = None,
+        limits: AudioLimits = AudioLimits(),
+        **kw: Any,
+    ) -> None:
         super().__init__(settings, stop, batch_max=kw.pop("batch_max", 8), **kw)
         self.speech = speech
         self.text = text
@@ -160,7 +183,9 @@ class SpeechService(EncoderService):
 
     @property
     def encoder_ref(self) -> EncoderRef:
-        return EncoderRef(name=self.speech.name, version=f"{self.speech.version}+{self.text.version}")
+        return EncoderRef(
+            name=self.speech.name, version=f"{self.speech.version}+{self.text.version}"
+        )
 
     def decode(self, event: HotlineCall) -> np.ndarray:
         raw = media_bytes(event.media, self.limits.max_bytes)

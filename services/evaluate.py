@@ -30,7 +30,11 @@ from streams.schemas import Alert, DeadLetter, Embedding, Modality, parse_ts
 from streams.serde import from_bytes
 from streams.taxonomy import label_names
 
-TOPIC_MODALITY: dict[str, Modality] = {topics.TEXT: "text", topics.FRAMES: "image", topics.CALLS: "audio"}
+TOPIC_MODALITY: dict[str, Modality] = {
+    topics.TEXT: "text",
+    topics.FRAMES: "image",
+    topics.CALLS: "audio",
+}
 
 
 @dataclass
@@ -54,12 +58,16 @@ def _group_truth(rows: list[Row]) -> dict[str, str]:
     return {k: c.most_common(1)[0][0] for k, c in votes.items()}
 
 
-def score(rows: list[Row], fusion: FusionModel, incident_pred: dict[str, str] | None = None) -> dict[str, Any]:
+def score(
+    rows: list[Row], fusion: FusionModel, incident_pred: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The metrics JSON (without latency): per modality, per incident, per class, DLQ."""
     names = label_names()
     per_modality: dict[str, Any] = {}
     for m in ("text", "image", "audio"):
-        scored = [r for r in rows if r.evidence is not None and r.truth and r.evidence.modality == m]
+        scored = [
+            r for r in rows if r.evidence is not None and r.truth and r.evidence.modality == m
+        ]
         truth = [str(r.truth) for r in scored]
         pred = [fusion.predict([r.evidence]).label for r in scored if r.evidence is not None]
         per_modality[m] = {
@@ -166,8 +174,15 @@ class KafkaRun:
     timed_out: bool
 
 
-def run_via_kafka(folder: Path, live: KafkaSettings, models: Models | None, speed: float,
-                  timeout_s: float, sink_cb: Any = None, fusion_kw: dict[str, Any] | None = None) -> KafkaRun:
+def run_via_kafka(
+    folder: Path,
+    live: KafkaSettings,
+    models: Models | None,
+    speed: float,
+    timeout_s: float,
+    sink_cb: Any = None,
+    fusion_kw: dict[str, Any] | None = None,
+) -> KafkaRun:
     """Replay ``folder`` into a live cluster (starting the pipeline here when ``models`` is given)
     and collect embeddings, alerts and dead letters until every event is accounted for."""
     from services.sink import AlertSink
@@ -185,8 +200,11 @@ def run_via_kafka(folder: Path, live: KafkaSettings, models: Models | None, spee
         deadline = time.monotonic() + timeout_s
         while True:
             alerts = [from_bytes(Alert, r.value) for r in collector.snapshot(topics.ALERTS)]
-            dlq = [from_bytes(DeadLetter, r.value) for r in collector.snapshot(topics.DLQ)
-                   if r.timestamp / 1000 >= started - 1]
+            dlq = [
+                from_bytes(DeadLetter, r.value)
+                for r in collector.snapshot(topics.DLQ)
+                if r.timestamp / 1000 >= started - 1
+            ]
             latest: dict[str, Alert] = {}
             for a in alerts:
                 if a.alert_id not in latest or a.version > latest[a.alert_id].version:
@@ -209,16 +227,18 @@ def run_via_kafka(folder: Path, live: KafkaSettings, models: Models | None, spee
     dlq_ids = {}
     for d in dlq:
         try:
-            dlq_ids[json.loads(__import__("base64").b64decode(d.payload_b64)).get("event_id")] = d.reason
+            dlq_ids[json.loads(__import__("base64").b64decode(d.payload_b64)).get("event_id")] = (
+                d.reason
+            )
         except (ValueError, AttributeError):
             dlq_ids[f"?{len(dlq_ids)}"] = d.reason
     rows = []
     for eid, ev in truth.items():
         row = Row(eid, ev.topic, (ev.truth or {}).get("label"))
-        emb = embeddings.get(eid)
-        if emb is not None:
-            row.key = emb.correlation_key
-            row.evidence = Evidence(emb.modality, emb.array(), emb.text_array())
+        found = embeddings.get(eid)
+        if found is not None:
+            row.key = found.correlation_key
+            row.evidence = Evidence(found.modality, found.array(), found.text_array())
         row.dlq_reason = dlq_ids.get(eid)
         rows.append(row)
     timed_out = len(covered) + len(dlq) < len(truth)
@@ -239,8 +259,14 @@ def kafka_metrics(run: KafkaRun, fusion: FusionModel) -> dict[str, Any]:
     return out
 
 
-def evaluate(folder: Path, out: Path, via_kafka: bool = False, settings: KafkaSettings | None = None,
-             speed: float = 0.0, timeout_s: float = 240.0) -> dict[str, Any]:
+def evaluate(
+    folder: Path,
+    out: Path,
+    via_kafka: bool = False,
+    settings: KafkaSettings | None = None,
+    speed: float = 0.0,
+    timeout_s: float = 240.0,
+) -> dict[str, Any]:
     """Score a recording and write ``out`` (JSON) and a confusion-matrix PNG beside it."""
     read_recording(folder)  # fail fast on a bad folder, before loading models
     settings = settings or KafkaSettings()
@@ -257,8 +283,9 @@ def evaluate(folder: Path, out: Path, via_kafka: bool = False, settings: KafkaSe
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".confusion.png")
     names = label_names()
-    metrics.plot_confusion(metrics.confusion(y_true, y_pred, names), names, png,
-                           f"incidents: {folder.name}")
+    metrics.plot_confusion(
+        metrics.confusion(y_true, y_pred, names), names, png, f"incidents: {folder.name}"
+    )
     result["confusion_png"] = str(png)
     out.write_text(json.dumps(result, indent=2))
     print_report(result, folder.name)
@@ -275,16 +302,22 @@ def print_report(result: dict[str, Any], name: str) -> None:
     for m, v in result["per_modality"].items():
         t.add_row(f"{m} (alone)", str(v["n"]), f"{v['accuracy']:.3f}", f"{v['macro_f1']:.3f}")
     inc = result["incidents"]
-    t.add_row("[bold]incidents (fused)", str(inc["n"]), f"{inc['accuracy']:.3f}", f"{inc['macro_f1']:.3f}")
+    t.add_row(
+        "[bold]incidents (fused)", str(inc["n"]), f"{inc['accuracy']:.3f}", f"{inc['macro_f1']:.3f}"
+    )
     console.print(t)
     pc = Table(title="per class (incidents)")
     for c in ("label", "precision", "recall", "f1", "support"):
         pc.add_column(c)
     for lab, v in result["per_class"].items():
-        pc.add_row(lab, f"{v['precision']:.2f}", f"{v['recall']:.2f}", f"{v['f1']:.2f}", str(v["support"]))
+        pc.add_row(
+            lab, f"{v['precision']:.2f}", f"{v['recall']:.2f}", f"{v['f1']:.2f}", str(v["support"])
+        )
     console.print(pc)
     console.print(f"dead letters: {result['dlq']['count']} {result['dlq']['by_reason']}")
     if "latency_ms" in result:
         lat = result["latency_ms"]
-        console.print(f"ingest→alert latency ms: p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}, "
-                      f"p99 {lat['p99']:.0f}; alerts per incident {result['alerts_per_incident']:.2f}")
+        console.print(
+            f"ingest→alert latency ms: p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}, "
+            f"p99 {lat['p99']:.0f}; alerts per incident {result['alerts_per_incident']:.2f}"
+        )

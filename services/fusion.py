@@ -37,7 +37,9 @@ class Incident:
     """What fusion knows about one correlation key."""
 
     key: str
-    events: dict[str, Embedding] = field(default_factory=dict)  # event_id -> embedding, arrival order
+    events: dict[str, Embedding] = field(
+        default_factory=dict
+    )  # event_id -> embedding, arrival order
     emitted_version: int = 0
     emitted_evidence: frozenset[str] = frozenset()
     first_seen: float = field(default_factory=time.monotonic)
@@ -84,8 +86,16 @@ class FusionService(BatchService):
     name = "fusion"
     input_topics = (topics.EMBEDDINGS,)
 
-    def __init__(self, settings: KafkaSettings, model: FusionModel, stop: threading.Event | None = None,
-                 threshold: float = 0.5, pending_s: float = 3.0, ttl_s: float = 3600.0, **kw: Any) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        model: FusionModel,
+        stop: threading.Event | None = None,
+        threshold: float = 0.5,
+        pending_s: float = 3.0,
+        ttl_s: float = 3600.0,
+        **kw: Any,
+    ) -> None:
         super().__init__(settings, stop, batch_max=kw.pop("batch_max", 64), **kw)
         self.model = model
         self.threshold = threshold
@@ -110,7 +120,7 @@ class FusionService(BatchService):
             return None
         try:
             pred = self.model.predict(inc.evidence())
-        except Exception as e:  # noqa: BLE001 - one bad incident must not stop fusion
+        except Exception as e:
             raise RejectedInput("fuse", "fusion_error", f"{type(e).__name__}: {e}") from e
         if pred.confidence < self.threshold and not force and inc.emitted_version == 0:
             return None
@@ -136,7 +146,11 @@ class FusionService(BatchService):
                     if inc is not None:
                         touched[inc.key] = inc
                 except (RejectedInput, ValueError) as e:
-                    err = e if isinstance(e, RejectedInput) else RejectedInput("fuse", "embedding_invalid", str(e))
+                    err = (
+                        e
+                        if isinstance(e, RejectedInput)
+                        else RejectedInput("fuse", "embedding_invalid", str(e))
+                    )
                     outs.append(self.reject(err, rec))
             for inc in touched.values():
                 try:
@@ -201,7 +215,7 @@ class FusionService(BatchService):
         log.info("fusion rebuilt %d incidents from %d partitions", len(self.incidents), len(wanted))
 
 
-class _Rebuild(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebuild(ConsumerRebalanceListener):
     def __init__(self, svc: FusionService) -> None:
         self.svc = svc
 
@@ -212,7 +226,9 @@ class _Rebuild(ConsumerRebalanceListener):  # type: ignore[misc]
         self.svc.rebuild(list(assigned))
 
 
-def _read_until(settings: KafkaSettings, stop_at: dict[TopicPartition, int]) -> Iterable[ConsumerRecord]:
+def _read_until(
+    settings: KafkaSettings, stop_at: dict[TopicPartition, int]
+) -> Iterable[ConsumerRecord]:
     """Records of each partition from offset 0 up to (excluding) ``stop_at[tp]``."""
     if not stop_at:
         return

@@ -18,10 +18,16 @@ from streams.taxonomy import label_names
 def record(settings: KafkaSettings, folder: Path, duration_s: float, name: str) -> int:
     """Record new messages of the input topics for ``duration_s`` seconds; returns the count."""
     consumer = make_consumer(settings, None)
-    tps = [TopicPartition(t, p) for t in topics.INPUT_TOPICS for p in sorted(consumer.partitions_for_topic(t) or [])]
+    tps = [
+        TopicPartition(t, p)
+        for t in topics.INPUT_TOPICS
+        for p in sorted(consumer.partitions_for_topic(t) or [])
+    ]
     consumer.assign(tps)
     consumer.seek_to_end()
-    writer = RecordingWriter(folder, Manifest(name=name, description="recorded live", labels=label_names()))
+    writer = RecordingWriter(
+        folder, Manifest(name=name, description="recorded live", labels=label_names())
+    )
     t0 = time.time()
     try:
         with progress() as bar:

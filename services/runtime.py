@@ -42,16 +42,22 @@ class Models:
         speech = SpeechEncoder()  # may convert weights: its own progress bar
         with console.status("loading text and vision encoders and the fusion head"):
             models = cls(TextEncoder(), VisionEncoder(), speech, FusionModel.load())
-        console.print(f"models loaded in {time.perf_counter() - t0:.1f}s "
-                      f"(fusion {models.fusion.version})")
+        console.print(
+            f"models loaded in {time.perf_counter() - t0:.1f}s (fusion {models.fusion.version})"
+        )
         return models
 
 
 class Pipeline:
     """Text, vision, speech, fusion services (and optionally a sink) as threads of this process."""
 
-    def __init__(self, settings: KafkaSettings, models: Models, sink: AlertSink | None = None,
-                 fusion_kw: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        models: Models,
+        sink: AlertSink | None = None,
+        fusion_kw: dict[str, Any] | None = None,
+    ) -> None:
         self.stop = threading.Event()
         self.services: list[BatchService] = [
             TextService(settings, models.text, self.stop),
@@ -62,14 +68,16 @@ class Pipeline:
         if sink is not None:
             sink.stop = self.stop
             self.services.append(sink)
-        self.threads = [threading.Thread(target=self._run, args=(s,), name=s.name, daemon=True)
-                        for s in self.services]
+        self.threads = [
+            threading.Thread(target=self._run, args=(s,), name=s.name, daemon=True)
+            for s in self.services
+        ]
         self.errors: list[str] = []
 
     def _run(self, svc: BatchService) -> None:
         try:
             svc.run()
-        except Exception as e:  # noqa: BLE001 - reported to the caller, not swallowed
+        except Exception as e:
             log.exception("service %s crashed", svc.name)
             self.errors.append(f"{svc.name}: {type(e).__name__}: {e}")
             self.stop.set()
@@ -107,8 +115,11 @@ class Collector:
     def _run(self) -> None:
         consumer = make_consumer(self.settings, None)
         try:
-            tps = [TopicPartition(t, p) for t in self.topics
-                   for p in sorted(consumer.partitions_for_topic(t) or [])]
+            tps = [
+                TopicPartition(t, p)
+                for t in self.topics
+                for p in sorted(consumer.partitions_for_topic(t) or [])
+            ]
             consumer.assign(tps)
             consumer.seek_to_beginning()
             while not self.stop.is_set():

@@ -36,7 +36,9 @@ def build(name: str, settings: KafkaSettings, stop: threading.Event) -> list[Bat
         return [FusionService(settings, FusionModel.load(), stop)]
     if name == "sink":
         return [AlertSink(settings, stop)]
-    return [s for n in ("text", "vision", "speech", "fusion", "sink") for s in build(n, settings, stop)]
+    return [
+        s for n in ("text", "vision", "speech", "fusion", "sink") for s in build(n, settings, stop)
+    ]
 
 
 def serve(settings: KafkaSettings, name: str, metrics_port: int | None = None) -> None:
@@ -57,8 +59,10 @@ def serve(settings: KafkaSettings, name: str, metrics_port: int | None = None) -
         threads = [threading.Thread(target=s.run, name=s.name, daemon=True) for s in services]
         for t in threads:
             t.start()
-        console.print(f"serving {', '.join(s.name for s in services)} on {live.bootstrap_servers}"
-                      " (Ctrl-C to stop)")
+        console.print(
+            f"serving {', '.join(s.name for s in services)} on {live.bootstrap_servers}"
+            " (Ctrl-C to stop)"
+        )
         while any(t.is_alive() for t in threads) and not stop.wait(0.5):
             pass
         stop.set()

@@ -55,8 +55,13 @@ class AlertSink(BatchService):
     name = "sink"
     input_topics = (topics.ALERTS,)
 
-    def __init__(self, settings: KafkaSettings, stop: threading.Event | None = None,
-                 on_alert: Callable[[Alert], None] | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        stop: threading.Event | None = None,
+        on_alert: Callable[[Alert], None] | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(settings, stop, **kw)
         self.latest: dict[str, Alert] = {}
         self.history: list[Alert] = []

@@ -50,7 +50,10 @@ class EmbeddedBroker:
         self.port = port or free_port()
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
+        # Kept open for the broker's lifetime (closed in stop()), hence no context manager.
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="tansu-", suffix=".log", delete=False
+        )
 
     @property
     def bootstrap_servers(self) -> str:

@@ -85,7 +85,9 @@ def make_consumer(
     return KafkaConsumer(*topic_names, **settings.common(), **kw)
 
 
-def ensure_topics(settings: KafkaSettings, specs: tuple[topics.TopicSpec, ...] = topics.ALL_TOPICS) -> None:
+def ensure_topics(
+    settings: KafkaSettings, specs: tuple[topics.TopicSpec, ...] = topics.ALL_TOPICS
+) -> None:
     """Create the pipeline's topics that do not exist yet."""
     admin = KafkaAdminClient(**settings.common())
     try:

@@ -21,9 +21,7 @@ def geo_cell(loc: Location, cell_m: float = CELL_M) -> tuple[int, int]:
     return row, math.floor(loc.lon / step_lon)
 
 
-def correlation_key(
-    event: InputEvent, cell_m: float = CELL_M, window_s: int = WINDOW_S
-) -> str:
+def correlation_key(event: InputEvent, cell_m: float = CELL_M, window_s: int = WINDOW_S) -> str:
     """``inc:<incident_id>``; else ``geo:<row>:<col>:<window>``; else ``area:<area>:<window>``;
     else ``evt:<event_id>`` (an event with no place stands alone)."""
     if event.incident_id:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import mimetypes
 import re
 from pathlib import Path
@@ -55,7 +54,9 @@ def read_recording(folder: Path) -> tuple[Manifest, list[RecordedEvent]]:
     except ValidationError as e:
         raise RecordingError(f"{folder}/manifest.json: {e.errors()[0]['msg']}") from e
     if manifest.format != FORMAT or manifest.version != VERSION:
-        raise RecordingError(f"{folder}: format {manifest.format} v{manifest.version} is not {FORMAT} v{VERSION}")
+        raise RecordingError(
+            f"{folder}: format {manifest.format} v{manifest.version} is not {FORMAT} v{VERSION}"
+        )
     events = []
     try:
         lines = (folder / "events.jsonl").read_text(encoding="utf-8").splitlines()
@@ -113,7 +114,9 @@ class RecordingWriter:
         self._events = (folder / "events.jsonl").open("w", encoding="utf-8")
         self.count = 0
 
-    def add(self, t: float, topic: str, message: dict[str, Any], truth: dict[str, Any] | None = None) -> None:
+    def add(
+        self, t: float, topic: str, message: dict[str, Any], truth: dict[str, Any] | None = None
+    ) -> None:
         """Append one event (media given inline are written to a file)."""
         msg = dict(message)
         media = msg.get("media")

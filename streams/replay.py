@@ -22,7 +22,9 @@ class ReplayStats:
     seconds: float = 0.0
 
 
-def replay(settings: KafkaSettings, folder: Path, speed: float = 1.0, show_progress: bool = True) -> ReplayStats:
+def replay(
+    settings: KafkaSettings, folder: Path, speed: float = 1.0, show_progress: bool = True
+) -> ReplayStats:
     """Send every event of the recording; ``speed <= 0`` sends as fast as possible."""
     _, events = read_recording(folder)
     producer = make_producer(settings)

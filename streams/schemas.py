@@ -222,4 +222,3 @@ def decode_vector(s: str, dim: int) -> np.ndarray:
     if arr.shape != (dim,):
         raise ValueError(f"vector has {arr.size} values, expected {dim}")
     return arr.astype(np.float32)
-

@@ -6,9 +6,8 @@ import base64
 import binascii
 import json
 from pathlib import Path
-from urllib.parse import unquote, urlparse
-
 from typing import TypeVar
+from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ValidationError
 
@@ -48,9 +47,7 @@ def to_bytes(msg: BaseModel) -> bytes:
     return msg.model_dump_json(exclude_none=True).encode("utf-8")
 
 
-def from_bytes(
-    model: type[M], raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-) -> M:
+def from_bytes(model: type[M], raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M:
     """Parse and validate one message; raises :class:`RejectedInput` with a stable reason."""
     if len(raw) > max_bytes:
         raise RejectedInput("validate", "payload_too_large", f"{len(raw)} bytes > {max_bytes}")
@@ -88,7 +85,9 @@ def media_bytes(media: Media, max_bytes: int) -> bytes:
     assert media.uri is not None
     uri = urlparse(media.uri)
     if uri.scheme != "file":
-        raise RejectedInput("decode", "unsupported_uri", f"scheme {uri.scheme!r} is not fetched here")
+        raise RejectedInput(
+            "decode", "unsupported_uri", f"scheme {uri.scheme!r} is not fetched here"
+        )
     path = Path(unquote(uri.path))
     try:
         size = path.stat().st_size

