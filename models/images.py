@@ -39,12 +39,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
             return img.convert("RGB")
     except RejectedInput:
         raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own header check fired first (far beyond our limit).
+        raise RejectedInput("decode", "image_too_large", str(e)[:300]) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise RejectedInput("decode", "image_decode_error", f"{type(e).__name__}: {e}"[:300]) from e

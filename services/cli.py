@@ -74,6 +74,8 @@ def cli(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(threadName)s %(levelname)s %(message)s",
     )
+    # kafka-python warns about slow IO-loop tasks and reconnects; only errors matter here.
+    logging.getLogger("kafka").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 @cli.command()

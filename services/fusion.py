@@ -181,8 +181,18 @@ class FusionService(BatchService):
 
     def on_start(self) -> None:
         assert self.consumer is not None
+        self._assigned: list[TopicPartition] = []
         self.consumer.unsubscribe()
         self.consumer.subscribe(list(self.input_topics), listener=_Rebuild(self))
+
+    def _poll_batch(self) -> list[ConsumerRecord]:
+        batch = super()._poll_batch()
+        # The listener runs on kafka-python's IO thread, where blocking calls are forbidden:
+        # it only notes the assignment, and the rebuild happens here, before the batch is used.
+        if self._assigned:
+            assigned, self._assigned = self._assigned, []
+            self.rebuild(assigned)
+        return batch
 
     # -- restart -------------------------------------------------------------------------
     def rebuild(self, partitions: list[TopicPartition]) -> None:
@@ -223,7 +233,7 @@ class _Rebuild(ConsumerRebalanceListener):
         pass
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.svc.rebuild(list(assigned))
+        self.svc._assigned = list(assigned)
 
 
 def _read_until(

@@ -87,6 +87,12 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise BrokerError(f"Tansu exited with {self.proc.returncode}: {self.log_tail()}")
+            # Wait for the port first: a Kafka client would log every refused connection.
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    time.sleep(0.05)
+                    continue
             try:
                 admin = KafkaAdminClient(
                     bootstrap_servers=self.bootstrap_servers, request_timeout_ms=2000

@@ -1,0 +1,94 @@
+"""Encoders, bounded decoders and the fusion head, on real weights and real data."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.fusion import Evidence, FusionModel
+from models.images import ImageLimits, decode_image
+from services.runtime import Models
+from streams.errors import RejectedInput
+from streams.taxonomy import label_names
+
+
+def test_text_encoder_matches_sentence_transformers_pooling(models: Models) -> None:
+    a, b, c = models.text.encode(
+        ["a car crashed into a truck", "two vehicles collided on the road", "I love this pizza"]
+    )
+    assert a.shape == (384,) and abs(np.linalg.norm(a) - 1) < 1e-5
+    assert a @ b > a @ c  # paraphrases are closer than unrelated text
+
+
+def test_vision_weights_give_sensible_imagenet_classes(models: Models, data_dir: Path) -> None:
+    img = decode_image((data_dir / "images/fire/cairfire_000.jpg").read_bytes())
+    feats, logits = models.vision.forward([img])
+    assert feats.shape == (1, 1280)
+    # ImageNet 980 = volcano: a strict, correct rename gives fire-like classes for a fire photo.
+    top5 = set(np.argsort(logits[0])[-5:].tolist())
+    assert 980 in top5
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge size (the body is irrelevant: it must never be decoded)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def test_image_limits_are_checked_before_decoding() -> None:
+    with pytest.raises(RejectedInput) as e:
+        decode_image(_png_header(100_000, 100_000))
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(RejectedInput) as e:
+        decode_image(b"\xff\xd8\xff" + b"\x00" * 100)
+    assert e.value.reason == "image_decode_error"
+    with pytest.raises(RejectedInput) as e:
+        decode_image(b"x" * 20, ImageLimits(max_bytes=10))
+    assert e.value.reason == "image_too_large"
+    gif = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(gif, format="GIF")
+    with pytest.raises(RejectedInput):  # only JPEG and PNG are opened
+        decode_image(gif.getvalue())
+
+
+def test_fusion_head_labels_every_subset(models: Models) -> None:
+    fusion: FusionModel = models.fusion
+    assert fusion.labels == label_names()
+    rng = np.random.default_rng(0)
+    ev = {
+        "text": Evidence(
+            "text", models.text.encode(["Fire! the building is burning, flames everywhere"])[0]
+        ),
+        "image": Evidence(
+            "image", (v := rng.standard_normal(1280).astype(np.float32)) / np.linalg.norm(v)
+        ),
+        "audio": Evidence(
+            "audio",
+            (w := rng.standard_normal(384).astype(np.float32)) / np.linalg.norm(w),
+            models.text.encode(["there is a fire in my kitchen"])[0],
+        ),
+    }
+    import itertools
+
+    for r in (1, 2, 3):
+        for subset in itertools.combinations(ev, r):
+            p = fusion.predict([ev[m] for m in subset])
+            assert p.label in label_names()
+            assert abs(sum(p.probs.values()) - 1) < 1e-4
+            assert sorted(p.contributions) == sorted(subset)
+            assert 0 <= p.confidence <= 1
+    assert fusion.predict([ev["text"]]).label == "fire"
+    with pytest.raises(ValueError):
+        fusion.predict([])
