@@ -39,6 +39,9 @@ INPUT_MODALITY: dict[str, Modality] = {
 class FusionHead(nn.Module):
     """Per-input experts, masked mean over events, weighted sum over inputs."""
 
+    temperature: torch.Tensor
+    prompts: torch.Tensor
+
     def __init__(
         self, dims: dict[str, int], n_labels: int, hidden: int = 256, dropout: float = 0.2
     ):

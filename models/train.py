@@ -52,8 +52,10 @@ class TrainConfig:
     batch: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-2
-    hidden: int = 256
-    dropout: float = 0.2
+    # Chosen on the held-out groups (README "Results"): smaller and more dropout generalised
+    # better across crisis events than hidden=256, dropout=0.2.
+    hidden: int = 128
+    dropout: float = 0.5
     max_events: int = 3
     p_single: float = 0.4
     label_smoothing: float = 0.05
@@ -135,7 +137,7 @@ def train_head(
                 dims[name] = arr.shape[1]
     head = FusionHead(dims, len(label_names()), cfg.hidden, cfg.dropout)
     if prompts is not None:
-        head.prompts.copy_(torch.from_numpy(prompts))  # type: ignore[operator]
+        head.prompts.copy_(torch.from_numpy(prompts))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     head.train()
@@ -251,7 +253,7 @@ def run_training(out_dir: Path = ARTIFACT_DIR, cfg: TrainConfig | None = None) -
         probs.max(-1).values.numpy(), (probs.argmax(-1) == y).numpy()
     )
     temperature = fit_temperature(logits, y)
-    head.temperature.fill_(temperature)  # type: ignore[operator]
+    head.temperature.fill_(temperature)
     probs = torch.softmax(logits / temperature, -1)
     ece_after = metrics.expected_calibration_error(
         probs.max(-1).values.numpy(), (probs.argmax(-1) == y).numpy()

@@ -29,22 +29,19 @@ from streams.taxonomy import label_names
 BASE_TS = datetime(2026, 11, 29, 8, 0, 0, tzinfo=UTC)
 CENTRE = (45.4642, 9.1900)  # a city centre; incidents are spread around it
 
+# Three incidents per label, each with its own mix of modalities:
+# (text reports, frames, calls, has incident_id). Single-modality incidents included.
+SHAPES = [(1, 2, 1, True), (0, 2, 0, False), (1, 0, 1, False)]
+ROTATE = [(1, 1, 1, True), (1, 0, 0, False), (0, 1, 1, True)]
+LABEL_ORDER = [
+    "traffic_accident", "fire", "flood", "infrastructure_damage",
+    "public_safety", "medical_emergency", "no_incident",
+]
 # (label, text reports, frames, calls, has incident_id)
 PLAN = [
-    ("traffic_accident", 1, 3, 1, True),
-    ("traffic_accident", 0, 2, 0, False),
-    ("fire", 1, 1, 1, False),
-    ("fire", 1, 0, 1, True),
-    ("flood", 1, 1, 0, False),
-    ("flood", 0, 1, 1, True),
-    ("infrastructure_damage", 1, 1, 1, False),
-    ("infrastructure_damage", 1, 1, 0, True),
-    ("public_safety", 0, 2, 1, False),
-    ("public_safety", 1, 1, 0, True),
-    ("medical_emergency", 0, 1, 1, False),
-    ("medical_emergency", 1, 1, 1, True),
-    ("no_incident", 1, 2, 0, False),
-    ("no_incident", 1, 0, 1, True),
+    (label, *shape)
+    for k, label in enumerate(LABEL_ORDER)
+    for shape in (SHAPES if k % 2 == 0 else ROTATE)
 ]
 
 
@@ -232,7 +229,7 @@ def main() -> None:
     manifest = Manifest(
         name="demo",
         description=(
-            "14 incidents over all seven labels, built from held-out groups of "
+            f"{len(PLAN)} incidents over all seven labels, built from held-out groups of "
             "../shared/data (never trained on), plus 3 bad inputs for the DLQ."
         ),
         labels=label_names(),

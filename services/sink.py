@@ -26,7 +26,7 @@ def colour(label: str) -> str:
 
 def alert_row(a: Alert) -> list[str]:
     """Cells of one alert in the terminal table."""
-    loc = f"{a.location.lat:.4f},{a.location.lon:.4f}" if a.location else (a.area or "-")
+    loc = f"{a.location.lat:.3f},{a.location.lon:.3f}" if a.location else (a.area or "-")
     snippet = (a.transcript or "")[:48]
     return [
         a.alert_id[-8:],
@@ -42,8 +42,10 @@ def alert_row(a: Alert) -> list[str]:
 def alerts_table(alerts: Iterable[Alert], title: str = "alerts") -> Table:
     """A rich table of alerts (latest version of each)."""
     table = Table(title=title, expand=False)
-    for col in ("alert", "ver", "label", "conf", "modalities", "location", "transcript"):
-        table.add_column(col)
+    for col in ("alert", "ver", "label", "conf", "modalities", "location"):
+        table.add_column(col, no_wrap=True)
+    # One line per alert, however narrow the terminal: the snippet gives way first.
+    table.add_column("transcript", no_wrap=True, overflow="ellipsis", max_width=40)
     for a in alerts:
         table.add_row(*alert_row(a))
     return table

@@ -163,7 +163,7 @@ class Embedding(Message):
 
 
 class Alert(Message):
-    """The public contract of ``city.alerts`` (JSON Schema in ``docs/schemas/alert.v1.json``)."""
+    """The public contract of ``city.alerts`` (JSON Schema: ``docs/schemas/alert.v1.json``)."""
 
     alert_id: str
     version: int = Field(ge=1)

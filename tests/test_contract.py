@@ -107,3 +107,10 @@ def test_geo_cells_are_about_500_m(lat: float, lon: float) -> None:
 def test_alert_id_is_deterministic() -> None:
     assert alert_id("inc:A", "e1") == alert_id("inc:A", "e1")
     assert alert_id("inc:A", "e1") != alert_id("inc:A", "e2")
+
+
+def test_committed_json_schemas_match_the_models() -> None:
+    from scripts.export_schemas import OUT, schemas
+
+    for name, text in schemas().items():
+        assert (OUT / name).read_text() == text, f"docs/schemas/{name} is stale: run scripts/export_schemas.py"

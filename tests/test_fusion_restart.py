@@ -12,7 +12,7 @@ from services.runtime import Models
 from streams import topics
 from streams.broker import EmbeddedBroker
 from streams.clients import KafkaSettings, ensure_topics, make_producer
-from streams.schemas import EncoderRef, Embedding, encode_vector, utc_now
+from streams.schemas import Embedding, EncoderRef, encode_vector, utc_now
 from streams.serde import to_bytes
 from tests.kafka_helpers import reader
 
