@@ -20,9 +20,13 @@ def schemas() -> dict[str, str]:
     out = {}
     for topic, model in TOPIC_MODELS.items():
         schema = model.model_json_schema()
-        schema["$id"] = f"https://cityfuse.example/schemas/{model.__name__.lower()}.v{SCHEMA_VERSION}.json"
+        schema["$id"] = (
+            f"https://cityfuse.example/schemas/{model.__name__.lower()}.v{SCHEMA_VERSION}.json"
+        )
         schema["description"] = f"{model.__doc__.strip() if model.__doc__ else ''} Topic: {topic}."
-        out[f"{model.__name__.lower()}.v{SCHEMA_VERSION}.json"] = json.dumps(schema, indent=2) + "\n"
+        out[f"{model.__name__.lower()}.v{SCHEMA_VERSION}.json"] = (
+            json.dumps(schema, indent=2) + "\n"
+        )
     return out
 
 

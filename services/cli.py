@@ -159,14 +159,25 @@ def replay(settings: KafkaSettings, folder: Path, speed: float) -> None:
     help="Replay speed with --via-kafka (0 = as fast as possible).",
 )
 @click.option("--timeout", type=float, default=240.0, show_default=True)
+@click.option(
+    "--start-pipeline/--no-start-pipeline",
+    default=None,
+    help="With --via-kafka: run the services in this process (default: only for the embedded broker).",
+)
 @kafka_options
 def evaluate(
-    settings: KafkaSettings, folder: Path, out: Path, via_kafka: bool, speed: float, timeout: float
+    settings: KafkaSettings,
+    folder: Path,
+    out: Path,
+    via_kafka: bool,
+    speed: float,
+    timeout: float,
+    start_pipeline: bool | None,
 ) -> None:
     """Score a recording against its ground truth; writes JSON and a confusion-matrix PNG."""
     from services.evaluate import evaluate as do_evaluate
 
-    do_evaluate(folder, out, via_kafka, settings, speed, timeout)
+    do_evaluate(folder, out, via_kafka, settings, speed, timeout, start_pipeline)
     console.print(f"wrote {out}")
 
 

@@ -266,18 +266,27 @@ def evaluate(
     settings: KafkaSettings | None = None,
     speed: float = 0.0,
     timeout_s: float = 240.0,
+    start_pipeline: bool | None = None,
+    models: Models | None = None,
 ) -> dict[str, Any]:
-    """Score a recording and write ``out`` (JSON) and a confusion-matrix PNG beside it."""
+    """Score a recording and write ``out`` (JSON) and a confusion-matrix PNG beside it.
+
+    With ``via_kafka`` the services run in this process when the broker is embedded (or
+    ``start_pipeline`` is set); against an external cluster they are expected to be running.
+    """
     read_recording(folder)  # fail fast on a bad folder, before loading models
     settings = settings or KafkaSettings()
     if via_kafka:
-        embedded = settings.bootstrap_servers is None
-        models = Models.load() if embedded else None
+        if start_pipeline is None:
+            start_pipeline = settings.bootstrap_servers is None
+        if start_pipeline and models is None:
+            models = Models.load()
         fusion = models.fusion if models else FusionModel.load()
         with cluster(settings) as live:
-            result = kafka_metrics(run_via_kafka(folder, live, models, speed, timeout_s), fusion)
+            run = run_via_kafka(folder, live, models if start_pipeline else None, speed, timeout_s)
+            result = kafka_metrics(run, fusion)
     else:
-        models = Models.load()
+        models = models or Models.load()
         result = score(offline_rows(folder, models), models.fusion)
     y_true, y_pred = result.pop("_confusion")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
+from rich import box
 from rich.table import Table
 
 from services.base import BatchService, Output
@@ -27,25 +28,26 @@ def colour(label: str) -> str:
 def alert_row(a: Alert) -> list[str]:
     """Cells of one alert in the terminal table."""
     loc = f"{a.location.lat:.3f},{a.location.lon:.3f}" if a.location else (a.area or "-")
-    snippet = (a.transcript or "")[:48]
     return [
-        a.alert_id[-8:],
-        f"v{a.version}",
-        f"[{colour(a.label)}]{a.label}[/]",
-        f"{a.confidence:.2f}",
-        "+".join(a.modalities),
+        f"{a.alert_id[-6:]} v{a.version}",
+        f"[{colour(a.label)}]{a.label}[/] {a.confidence:.2f}",
+        "+".join(m[0].upper() for m in a.modalities),
         loc,
-        snippet,
+        (a.transcript or "")[:60],
     ]
 
 
 def alerts_table(alerts: Iterable[Alert], title: str = "alerts") -> Table:
     """A rich table of alerts (latest version of each)."""
-    table = Table(title=title, expand=False)
-    for col in ("alert", "ver", "label", "conf", "modalities", "location"):
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, caption="T text, I image, A audio (call)", pad_edge=False
+    )
+    for col in ("alert", "label, confidence", "T/I/A", "location"):
         table.add_column(col, no_wrap=True)
-    # One line per alert, however narrow the terminal: the snippet gives way first.
-    table.add_column("transcript", no_wrap=True, overflow="ellipsis", max_width=40)
+    # One line per alert, however narrow the terminal: the snippet gives way first
+    # (the other columns need about 65 characters).
+    snippet = max(8, min(60, console.width - 67))
+    table.add_column("transcript", no_wrap=True, overflow="ellipsis", max_width=snippet)
     for a in alerts:
         table.add_row(*alert_row(a))
     return table

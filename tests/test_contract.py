@@ -113,4 +113,6 @@ def test_committed_json_schemas_match_the_models() -> None:
     from scripts.export_schemas import OUT, schemas
 
     for name, text in schemas().items():
-        assert (OUT / name).read_text() == text, f"docs/schemas/{name} is stale: run scripts/export_schemas.py"
+        assert (OUT / name).read_text() == text, (
+            f"docs/schemas/{name} is stale: run scripts/export_schemas.py"
+        )

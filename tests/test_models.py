@@ -92,3 +92,16 @@ def test_fusion_head_labels_every_subset(models: Models) -> None:
     assert fusion.predict([ev["text"]]).label == "fire"
     with pytest.raises(ValueError):
         fusion.predict([])
+
+
+def test_converted_whisper_transcribes_a_bundled_clip(models: Models) -> None:
+    from models.audio import decode_audio
+
+    clip = (
+        Path(__file__).resolve().parent.parent
+        / "recordings/demo/media/inc08_flood_20_mbrola-us2.ogg"
+    )
+    # Spoken text: "The river flooded the campground on Forest Road, ..." (shared/data/audio/audio.csv)
+    _, [text] = models.speech.encode([decode_audio(clip.read_bytes(), "audio/ogg")])
+    words = set(text.lower().replace(",", " ").replace(".", " ").split())
+    assert {"river", "flooded", "campground", "forest"} <= words, text
