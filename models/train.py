@@ -33,6 +33,7 @@ class Pool:
 
     x: dict[str, np.ndarray]
     y: np.ndarray
+    tags: np.ndarray | None = None  # per-row tag for breakdowns (text: language)
     by_label: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -41,7 +42,8 @@ class Pool:
 
     def subset(self, mask: np.ndarray) -> Pool:
         """The rows where ``mask`` is True."""
-        return Pool({k: v[mask] for k, v in self.x.items()}, self.y[mask])
+        tags = self.tags[mask] if self.tags is not None else None
+        return Pool({k: v[mask] for k, v in self.x.items()}, self.y[mask], tags)
 
 
 @dataclass
@@ -107,6 +109,21 @@ def single_inputs(pool: Pool) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     x = {k: torch.from_numpy(v).float().unsqueeze(1) for k, v in pool.x.items()}
     mask = {k: torch.ones(len(pool.y), 1, dtype=torch.bool) for k in pool.x}
     return x, mask
+
+
+@torch.no_grad()
+def text_by_language(head: FusionHead, pool: Pool) -> dict[str, dict[str, float]]:
+    """Held-out text accuracy for English vs Spanish/Italian/Portuguese vs other languages."""
+    assert pool.tags is not None
+    x, mask = single_inputs(pool)
+    pred = head(x, mask).argmax(-1).numpy()
+    groups = {"en": pool.tags == "en", "es/it/pt": np.isin(pool.tags, ["es", "it", "pt"])}
+    groups["other"] = ~(groups["en"] | groups["es/it/pt"])
+    return {
+        name: {"n": int(sel.sum()), "accuracy": float((pred[sel] == pool.y[sel]).mean())}
+        for name, sel in groups.items()
+        if sel.any()
+    }
 
 
 def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -215,7 +232,9 @@ def load_pools(
     text_enc = TextEncoder()
     tdf, idf = text_table(), image_table()
     pools = {
-        "text": Pool({"text": text_embeddings(tdf, text_enc)["text"]}, labels(tdf)),
+        "text": Pool(
+            {"text": text_embeddings(tdf, text_enc)["text"]}, labels(tdf), tdf["lang"].to_numpy()
+        ),
         "image": Pool({"image": image_embeddings(idf, VisionEncoder())["image"]}, labels(idf)),
     }
     val_mask = {"text": grouped_split(tdf).to_numpy(), "image": grouped_split(idf).to_numpy()}
@@ -248,6 +267,7 @@ def run_training(out_dir: Path = ARTIFACT_DIR, cfg: TrainConfig | None = None) -
     train, val, info = load_pools()
     head = train_head(train, cfg, label_prompts())
     report, logits, y = evaluate_head(head, val, cfg)
+    report["text_by_language"] = text_by_language(head, val["text"])
     probs = torch.softmax(logits, -1)
     ece_before = metrics.expected_calibration_error(
         probs.max(-1).values.numpy(), (probs.argmax(-1) == y).numpy()
@@ -303,9 +323,9 @@ def write_artifact(
 
 
 def _whisper_sha() -> str:
-    from models import whisper_convert
+    from models.whisper_convert import _source
 
-    return str(getattr(whisper_convert, "TINY_EN_SHA256", "see models/whisper_convert.py"))
+    return _source("tiny.en").sha256
 
 
 def model_card(meta: dict[str, Any]) -> str:
@@ -349,8 +369,15 @@ from 0.569 to 0.599 and macro-F1 from 0.500 to 0.536 (same split, same seed).
 Calibration: temperature {cal["temperature"]:.3f}; ECE {cal["ece_before"]:.3f} → {cal["ece_after"]:.3f}
 (fitted on the same validation logits, so the after-figure is optimistic).
 
+Held-out text accuracy by language: {", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in rep.get("text_by_language", {}).items())}.
+
+Hyper-parameters (hidden 128, dropout 0.5) were chosen on these held-out groups from a
+small grid (hidden 256/128, dropout 0.2/0.5, weight decay, label smoothing, steps), so the
+figures above are slightly optimistic for truly unseen events.
+
 ## Limits
-- The text encoder is English MiniLM: Spanish, Italian and Portuguese reports are weaker.
+- The text encoder is English MiniLM: Spanish, Italian and Portuguese reports are weaker
+  (see the language breakdown above); the judged data is mostly in those languages.
 - Calls are synthetic TTS voices; real callers will be harder.
 - No real multimodal incidents exist in the data; fusion weights are learnt from pairings.
 
@@ -370,6 +397,12 @@ def print_report(report: dict[str, object]) -> None:
         if isinstance(v, dict) and "accuracy" in v:
             table.add_row(k, str(v["n"]), f"{v['accuracy']:.3f}", f"{v['macro_f1']:.3f}")
     console.print(table)
+    langs = report.get("text_by_language", {})
+    assert isinstance(langs, dict)
+    console.print(
+        "held-out text by language: "
+        + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in langs.items())
+    )
     cal = report["calibration"]
     assert isinstance(cal, dict)
     console.print(
