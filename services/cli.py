@@ -263,11 +263,13 @@ def main() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
+        # A shell starts background jobs with SIGINT ignored; Ctrl-C must still stop us cleanly.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.monotonic()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        console.print("[red]aborted")
+        console.print(f"[yellow]interrupted after {time.monotonic() - t0:.1f}s; services stopped cleanly")
         sys.exit(130)
     except click.ClickException as e:
         e.show()
