@@ -33,15 +33,7 @@ CENTRE = (45.4642, 9.1900)  # a city centre; incidents are spread around it
 # (text reports, frames, calls, has incident_id). Single-modality incidents included.
 SHAPES = [(1, 2, 1, True), (0, 2, 0, False), (1, 0, 1, False)]
 ROTATE = [(1, 1, 1, True), (1, 0, 0, False), (0, 1, 1, True)]
-LABEL_ORDER = [
-    "traffic_accident",
-    "fire",
-    "flood",
-    "infrastructure_damage",
-    "public_safety",
-    "medical_emergency",
-    "no_incident",
-]
+LABEL_ORDER = label_names()  # configs/labels.json
 # (label, text reports, frames, calls, has incident_id)
 PLAN = [
     (label, *shape)

@@ -269,7 +269,9 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        console.print(f"[yellow]interrupted after {time.monotonic() - t0:.1f}s; services stopped cleanly")
+        console.print(
+            f"[yellow]interrupted after {time.monotonic() - t0:.1f}s; services stopped cleanly"
+        )
         sys.exit(130)
     except click.ClickException as e:
         e.show()

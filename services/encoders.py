@@ -14,7 +14,6 @@ from models.audio import AudioLimits, decode_audio
 from models.images import ImageLimits, decode_image
 from models.speech import SpeechEncoder
 from models.text import TextEncoder
-from models.vision import VisionEncoder
 from services.base import BatchService, Output
 from streams import topics
 from streams.clients import KafkaSettings
@@ -43,10 +42,20 @@ def _ingest_ts(rec: ConsumerRecord) -> str:
 
 
 class EncoderService(BatchService):
-    """Common shape of the text, vision and speech services."""
+    """Common shape of the text, vision and speech services.
+
+    ``encoder`` is any model with ``name``, ``version`` and ``encode(batch) -> (n, d) array``.
+    """
 
     modality: Modality = "text"
     schema: type[InputEvent] = InputEvent
+    default_batch = 16
+
+    def __init__(
+        self, settings: KafkaSettings, encoder: Any, stop: threading.Event | None = None, **kw: Any
+    ) -> None:
+        super().__init__(settings, stop, batch_max=kw.pop("batch_max", self.default_batch), **kw)
+        self.encoder = encoder
 
     def decode(self, event: Any) -> Any:
         """The model input of one validated event; raises RejectedInput."""
@@ -54,12 +63,14 @@ class EncoderService(BatchService):
 
     def embed(self, inputs: list[Any]) -> list[dict[str, Any]]:
         """One forward pass over the batch: per input, the Embedding fields it adds."""
-        raise NotImplementedError
+        return [
+            {"vector": encode_vector(v), "dim": v.shape[0]} for v in self.encoder.encode(inputs)
+        ]
 
     @property
     def encoder_ref(self) -> EncoderRef:
         """Name and version of the encoder (for the Embedding's ``encoder`` field)."""
-        raise NotImplementedError
+        return EncoderRef(name=self.encoder.name, version=self.encoder.version)
 
     def process(self, records: list[ConsumerRecord]) -> Iterable[Output]:
         """Validate, decode, embed the batch; bad records go to the DLQ, the rest to embeddings."""
@@ -104,27 +115,10 @@ class TextService(EncoderService):
     input_topics = (topics.TEXT,)
     modality: Modality = "text"
     schema = TextReport
-
-    def __init__(
-        self,
-        settings: KafkaSettings,
-        encoder: TextEncoder,
-        stop: threading.Event | None = None,
-        **kw: Any,
-    ) -> None:
-        super().__init__(settings, stop, batch_max=kw.pop("batch_max", 64), **kw)
-        self.encoder = encoder
-
-    @property
-    def encoder_ref(self) -> EncoderRef:
-        return EncoderRef(name=self.encoder.name, version=self.encoder.version)
+    default_batch = 64
 
     def decode(self, event: TextReport) -> str:
         return event.text
-
-    def embed(self, inputs: list[str]) -> list[dict[str, Any]]:
-        vecs = self.encoder.encode(inputs)
-        return [{"vector": encode_vector(v), "dim": v.shape[0]} for v in vecs]
 
 
 class VisionService(EncoderService):
@@ -134,29 +128,10 @@ class VisionService(EncoderService):
     input_topics = (topics.FRAMES,)
     modality: Modality = "image"
     schema = CameraFrame
-
-    def __init__(
-        self,
-        settings: KafkaSettings,
-        encoder: VisionEncoder,
-        stop: threading.Event | None = None,
-        limits: ImageLimits = ImageLimits(),
-        **kw: Any,
-    ) -> None:
-        super().__init__(settings, stop, batch_max=kw.pop("batch_max", 16), **kw)
-        self.encoder = encoder
-        self.limits = limits
-
-    @property
-    def encoder_ref(self) -> EncoderRef:
-        return EncoderRef(name=self.encoder.name, version=self.encoder.version)
+    limits = ImageLimits()
 
     def decode(self, event: CameraFrame) -> Any:
         return decode_image(media_bytes(event.media, self.limits.max_bytes), self.limits)
-
-    def embed(self, inputs: list[Any]) -> list[dict[str, Any]]:
-        vecs = self.encoder.encode(inputs)
-        return [{"vector": encode_vector(v), "dim": v.shape[0]} for v in vecs]
 
 
 class SpeechService(EncoderService):
@@ -166,6 +141,8 @@ class SpeechService(EncoderService):
     input_topics = (topics.CALLS,)
     modality: Modality = "audio"
     schema = HotlineCall
+    default_batch = 8
+    limits = AudioLimits()
 
     def __init__(
         self,
@@ -173,18 +150,15 @@ class SpeechService(EncoderService):
         speech: SpeechEncoder,
         text: TextEncoder,
         stop: threading.Event | None = None,
-        limits: AudioLimits = AudioLimits(),
         **kw: Any,
     ) -> None:
-        super().__init__(settings, stop, batch_max=kw.pop("batch_max", 8), **kw)
-        self.speech = speech
+        super().__init__(settings, speech, stop, **kw)
         self.text = text
-        self.limits = limits
 
     @property
     def encoder_ref(self) -> EncoderRef:
         return EncoderRef(
-            name=self.speech.name, version=f"{self.speech.version}+{self.text.version}"
+            name=self.encoder.name, version=f"{self.encoder.version}+{self.text.version}"
         )
 
     def decode(self, event: HotlineCall) -> np.ndarray:
@@ -192,7 +166,7 @@ class SpeechService(EncoderService):
         return decode_audio(raw, event.media.content_type, self.limits)
 
     def embed(self, inputs: list[np.ndarray]) -> list[dict[str, Any]]:
-        vecs, transcripts = self.speech.encode(inputs)
+        vecs, transcripts = self.encoder.encode(inputs)
         tvecs = self.text.encode([t or " " for t in transcripts])
         return [
             {

@@ -23,7 +23,7 @@ from models.fusion import Evidence, FusionModel, Prediction
 from services import metrics
 from services.base import BatchService, Output
 from streams import topics
-from streams.clients import KafkaSettings, make_consumer
+from streams.clients import KafkaSettings, assign_all, make_consumer
 from streams.correlation import alert_id, incident_of
 from streams.errors import RejectedInput
 from streams.schemas import Alert, Embedding, parse_ts, utc_now
@@ -265,9 +265,7 @@ def _read_all(settings: KafkaSettings, topic: str) -> Iterable[ConsumerRecord]:
     """Every record of a topic up to its current high watermark."""
     consumer = make_consumer(settings, None, enable_auto_commit=False)
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in parts]
-        consumer.assign(tps)
+        assign_all(consumer, topic)
         consumer.seek_to_beginning()
         idle = 0
         # Tansu's LATEST offsets are wrong (STACK-NOTES §6): read until polls come back empty.

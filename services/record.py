@@ -6,10 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from kafka import TopicPartition
-
 from streams import topics
-from streams.clients import KafkaSettings, make_consumer
+from streams.clients import KafkaSettings, assign_all, make_consumer
 from streams.console import progress
 from streams.recording import Manifest, RecordingWriter
 from streams.taxonomy import label_names
@@ -18,12 +16,7 @@ from streams.taxonomy import label_names
 def record(settings: KafkaSettings, folder: Path, duration_s: float, name: str) -> int:
     """Record new messages of the input topics for ``duration_s`` seconds; returns the count."""
     consumer = make_consumer(settings, None)
-    tps = [
-        TopicPartition(t, p)
-        for t in topics.INPUT_TOPICS
-        for p in sorted(consumer.partitions_for_topic(t) or [])
-    ]
-    consumer.assign(tps)
+    assign_all(consumer, *topics.INPUT_TOPICS)
     consumer.seek_to_end()
     writer = RecordingWriter(
         folder, Manifest(name=name, description="recorded live", labels=label_names())

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kafka import TopicPartition
 
 from models.fusion import FusionModel
 from models.speech import SpeechEncoder
@@ -19,7 +18,7 @@ from services.base import BatchService
 from services.encoders import SpeechService, TextService, VisionService
 from services.fusion import FusionService
 from services.sink import AlertSink
-from streams.clients import KafkaSettings, make_consumer
+from streams.clients import KafkaSettings, assign_all, make_consumer
 from streams.console import console
 
 log = logging.getLogger(__name__)
@@ -115,12 +114,7 @@ class Collector:
     def _run(self) -> None:
         consumer = make_consumer(self.settings, None)
         try:
-            tps = [
-                TopicPartition(t, p)
-                for t in self.topics
-                for p in sorted(consumer.partitions_for_topic(t) or [])
-            ]
-            consumer.assign(tps)
+            assign_all(consumer, *self.topics)
             consumer.seek_to_beginning()
             while not self.stop.is_set():
                 for tp, recs in consumer.poll(timeout_ms=100).items():

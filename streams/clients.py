@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel
@@ -83,6 +83,17 @@ def make_consumer(
     }
     kw.update(overrides)
     return KafkaConsumer(*topic_names, **settings.common(), **kw)
+
+
+def assign_all(consumer: KafkaConsumer, *topic_names: str) -> list[TopicPartition]:
+    """Assign every partition of ``topic_names`` to a group-less consumer (no join delay)."""
+    tps = [
+        TopicPartition(t, p)
+        for t in topic_names
+        for p in sorted(consumer.partitions_for_topic(t) or [])
+    ]
+    consumer.assign(tps)
+    return tps
 
 
 def ensure_topics(

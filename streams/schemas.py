@@ -7,11 +7,19 @@ required field is a validation failure and the message goes to ``city.dlq``.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -69,6 +77,15 @@ class Media(BaseModel):
         return self
 
 
+def _content_type_in(allowed: tuple[str, ...]) -> Callable[[Media], Media]:
+    def check(m: Media) -> Media:
+        if m.content_type not in allowed:
+            raise ValueError(f"content_type must be one of {allowed}")
+        return m
+
+    return check
+
+
 class InputEvent(Message):
     """Fields common to all three input topics."""
 
@@ -97,30 +114,16 @@ class CameraFrame(InputEvent):
     """One frame of a city camera."""
 
     camera_id: str
-    media: Media
+    media: Annotated[Media, AfterValidator(_content_type_in(IMAGE_TYPES))]
     frame_index: int | None = None
-
-    @field_validator("media")
-    @classmethod
-    def _image(cls, m: Media) -> Media:
-        if m.content_type not in IMAGE_TYPES:
-            raise ValueError(f"content_type must be one of {IMAGE_TYPES}")
-        return m
 
 
 class HotlineCall(InputEvent):
     """One hotline call recording."""
 
     call_id: str
-    media: Media
+    media: Annotated[Media, AfterValidator(_content_type_in(AUDIO_TYPES))]
     duration_s: float | None = None
-
-    @field_validator("media")
-    @classmethod
-    def _audio(cls, m: Media) -> Media:
-        if m.content_type not in AUDIO_TYPES:
-            raise ValueError(f"content_type must be one of {AUDIO_TYPES}")
-        return m
 
 
 class EncoderRef(BaseModel):

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
-from streams.clients import KafkaSettings, make_consumer, make_producer
+from streams.clients import KafkaSettings, assign_all, make_consumer, make_producer
 from streams.schemas import utc_now
 
 
@@ -29,7 +29,7 @@ def send(
 def reader(settings: KafkaSettings, topic: str) -> KafkaConsumer:
     """A group-less consumer at the start of every partition of ``topic``."""
     c = make_consumer(settings, None)
-    c.assign([TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])])
+    assign_all(c, topic)
     c.seek_to_beginning()
     return c
 
