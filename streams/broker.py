@@ -46,8 +46,15 @@ class EmbeddedBroker:
     Ctrl-C included) and, as a last resort, at interpreter exit, so no orphan is left.
     """
 
-    def __init__(self, port: int | None = None, startup_timeout_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        startup_timeout_s: float = 20.0,
+        advertised_port: int | None = None,
+    ) -> None:
         self.port = port or free_port()
+        # A TLS-terminating proxy in front of the broker: clients must be told its port.
+        self.advertised_port = advertised_port or self.port
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         # Kept open for the broker's lifetime (closed in stop()), hence no context manager.
@@ -62,14 +69,13 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         """Launch the broker and block until it answers a metadata request."""
-        url = f"tcp://127.0.0.1:{self.port}"
         cmd = [
             str(tansu_binary()),
             "broker",
             "--listener-url",
-            url,
+            f"tcp://127.0.0.1:{self.port}",
             "--advertised-listener-url",
-            url,
+            f"tcp://127.0.0.1:{self.advertised_port}",
             "--storage-engine",
             "memory://tansu/",
         ]
@@ -93,6 +99,8 @@ class EmbeddedBroker:
                 if s.connect_ex(("127.0.0.1", self.port)) != 0:
                     time.sleep(0.05)
                     continue
+            if self.advertised_port != self.port:
+                return  # clients would follow the advertised (proxy) address: the port is enough
             try:
                 admin = KafkaAdminClient(
                     bootstrap_servers=self.bootstrap_servers, request_timeout_ms=2000
