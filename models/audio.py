@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
 
 from streams.errors import RejectedInput
+from streams.settings import defaults
 
 SAMPLE_RATE = 16_000
 
@@ -17,8 +18,8 @@ SAMPLE_RATE = 16_000
 class AudioLimits:
     """Upper bounds for one audio payload; larger inputs are rejected, never truncated."""
 
-    max_bytes: int = 8_000_000
-    max_seconds: float = 30.0
+    max_bytes: int = field(default_factory=lambda: defaults().limits.audio_bytes)
+    max_seconds: float = field(default_factory=lambda: defaults().limits.audio_seconds)
 
 
 def decode_audio(

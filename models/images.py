@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
 from streams.errors import RejectedInput
+from streams.settings import defaults
 
 ALLOWED_FORMATS = ("JPEG", "PNG")
 
@@ -17,8 +18,8 @@ ALLOWED_FORMATS = ("JPEG", "PNG")
 class ImageLimits:
     """Upper bounds for one frame."""
 
-    max_bytes: int = 8_000_000
-    max_pixels: int = 40_000_000
+    max_bytes: int = field(default_factory=lambda: defaults().limits.image_bytes)
+    max_pixels: int = field(default_factory=lambda: defaults().limits.image_pixels)
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:

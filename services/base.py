@@ -16,6 +16,7 @@ from streams import topics
 from streams.clients import KafkaSettings, make_consumer, make_producer
 from streams.errors import RejectedInput
 from streams.serde import dead_letter, to_bytes
+from streams.settings import defaults
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,15 @@ class BatchService(ABC):
         self,
         settings: KafkaSettings,
         stop: threading.Event | None = None,
-        batch_max: int = 16,
-        batch_ms: int = 100,
+        batch_max: int | None = None,
+        batch_ms: int | None = None,
         group_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.stop = stop or threading.Event()
-        self.batch_max = batch_max
-        self.batch_ms = batch_ms
+        batch = defaults().batch[self.name]
+        self.batch_max = batch_max or batch.max
+        self.batch_ms = batch_ms or batch.ms
         self.group_id = group_id or f"cityfuse-{self.name}"
         self.ready = threading.Event()
         self.consumer: KafkaConsumer | None = None

@@ -49,12 +49,11 @@ class EncoderService(BatchService):
 
     modality: Modality = "text"
     schema: type[InputEvent] = InputEvent
-    default_batch = 16
 
     def __init__(
         self, settings: KafkaSettings, encoder: Any, stop: threading.Event | None = None, **kw: Any
     ) -> None:
-        super().__init__(settings, stop, batch_max=kw.pop("batch_max", self.default_batch), **kw)
+        super().__init__(settings, stop, **kw)
         self.encoder = encoder
 
     def decode(self, event: Any) -> Any:
@@ -115,7 +114,6 @@ class TextService(EncoderService):
     input_topics = (topics.TEXT,)
     modality: Modality = "text"
     schema = TextReport
-    default_batch = 64
 
     def decode(self, event: TextReport) -> str:
         return event.text
@@ -141,7 +139,6 @@ class SpeechService(EncoderService):
     input_topics = (topics.CALLS,)
     modality: Modality = "audio"
     schema = HotlineCall
-    default_batch = 8
     limits = AudioLimits()
 
     def __init__(

@@ -28,6 +28,7 @@ from streams.correlation import alert_id, incident_of
 from streams.errors import RejectedInput
 from streams.schemas import Alert, Embedding, parse_ts, utc_now
 from streams.serde import from_bytes, to_bytes
+from streams.settings import defaults
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,17 @@ class FusionService(BatchService):
         settings: KafkaSettings,
         model: FusionModel,
         stop: threading.Event | None = None,
-        threshold: float = 0.5,
-        pending_s: float = 3.0,
-        ttl_s: float = 3600.0,
+        threshold: float | None = None,
+        pending_s: float | None = None,
+        ttl_s: float | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(settings, stop, batch_max=kw.pop("batch_max", 64), **kw)
+        super().__init__(settings, stop, **kw)
         self.model = model
-        self.threshold = threshold
-        self.pending_s = pending_s
-        self.ttl_s = ttl_s
+        conf = defaults().fusion
+        self.threshold = conf.threshold if threshold is None else threshold
+        self.pending_s = conf.pending_s if pending_s is None else pending_s
+        self.ttl_s = conf.ttl_s if ttl_s is None else ttl_s
         self.incidents: dict[str, Incident] = {}
         self._lock = threading.Lock()
 

@@ -6,9 +6,10 @@ import hashlib
 import math
 
 from streams.schemas import InputEvent, Location, parse_ts
+from streams.settings import defaults
 
-CELL_M = 500.0
-WINDOW_S = 600
+CELL_M = defaults().correlation.cell_m
+WINDOW_S = defaults().correlation.window_s
 _M_PER_DEG_LAT = 111_320.0
 
 

@@ -25,6 +25,7 @@ from streams.schemas import (
     TextReport,
     utc_now,
 )
+from streams.settings import defaults
 
 TOPIC_MODELS: dict[str, type[Message]] = {
     topics.TEXT: TextReport,
@@ -39,7 +40,7 @@ TOPIC_MODELS: dict[str, type[Message]] = {
 M = TypeVar("M", bound=Message)
 
 DLQ_PAYLOAD_MAX = 64 * 1024
-DEFAULT_MAX_MESSAGE_BYTES = 12 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = defaults().limits.message_bytes
 
 
 def to_bytes(msg: BaseModel) -> bytes:

@@ -1,0 +1,59 @@
+"""Default service settings, read once from ``configs/services.json`` (their only home)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from pydantic import BaseModel
+
+from streams.taxonomy import CONFIG_DIR
+
+
+class Correlation(BaseModel):
+    """How events are grouped into incidents when they carry no ``incident_id``."""
+
+    cell_m: float
+    window_s: int
+
+
+class Batch(BaseModel):
+    """Micro-batch bounds of one service: up to ``max`` records or ``ms`` milliseconds."""
+
+    max: int
+    ms: int
+
+
+class Fusion(BaseModel):
+    """When fusion speaks: confidence threshold, wait for unconfident incidents, state TTL."""
+
+    threshold: float
+    pending_s: float
+    ttl_s: float
+
+
+class Limits(BaseModel):
+    """Bounds on what decoders accept (bad input beyond them goes to the DLQ)."""
+
+    message_bytes: int
+    image_bytes: int
+    image_pixels: int
+    audio_bytes: int
+    audio_seconds: float
+
+
+class ServiceDefaults(BaseModel):
+    """Everything in ``configs/services.json``."""
+
+    correlation: Correlation
+    batch: dict[str, Batch]
+    fusion: Fusion
+    limits: Limits
+
+
+@lru_cache(maxsize=1)
+def defaults() -> ServiceDefaults:
+    """The parsed, validated service defaults."""
+    return ServiceDefaults.model_validate(
+        json.loads((CONFIG_DIR / "services.json").read_text(encoding="utf-8"))
+    )
