@@ -6,6 +6,7 @@ numbers are comparable; ``--via-kafka`` adds latency and alerts per incident.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections import Counter
@@ -199,7 +200,12 @@ def run_via_kafka(
         replay(live, folder, speed)
         deadline = time.monotonic() + timeout_s
         while True:
-            alerts = [from_bytes(Alert, r.value) for r in collector.snapshot(topics.ALERTS)]
+            # Only what this run produced: a long-lived cluster holds older alerts too.
+            alerts = [
+                from_bytes(Alert, r.value)
+                for r in collector.snapshot(topics.ALERTS)
+                if r.timestamp / 1000 >= started - 1
+            ]
             dlq = [
                 from_bytes(DeadLetter, r.value)
                 for r in collector.snapshot(topics.DLQ)
@@ -224,14 +230,13 @@ def run_via_kafka(
         if pipeline is not None:
             pipeline.close()
         collector.close()
-    dlq_ids = {}
+    # Map dead letters back to recorded events through the payload they keep.
+    dlq_ids: dict[str, str] = {}
     for d in dlq:
         try:
-            dlq_ids[json.loads(__import__("base64").b64decode(d.payload_b64)).get("event_id")] = (
-                d.reason
-            )
-        except (ValueError, AttributeError):
-            dlq_ids[f"?{len(dlq_ids)}"] = d.reason
+            dlq_ids[str(json.loads(base64.b64decode(d.payload_b64))["event_id"])] = d.reason
+        except (ValueError, KeyError, TypeError):
+            dlq_ids[f"?{len(dlq_ids)}"] = d.reason  # unreadable payload: counted, not matched
     rows = []
     for eid, ev in truth.items():
         row = Row(eid, ev.topic, (ev.truth or {}).get("label"))
@@ -324,6 +329,11 @@ def print_report(result: dict[str, Any], name: str) -> None:
         )
     console.print(pc)
     console.print(f"dead letters: {result['dlq']['count']} {result['dlq']['by_reason']}")
+    if result.get("timed_out"):
+        console.print(
+            "[yellow]timed out before every event came back: events already seen by a "
+            "long-running pipeline (same event_id) are not alerted again"
+        )
     if "latency_ms" in result:
         lat = result["latency_ms"]
         console.print(
