@@ -88,7 +88,11 @@ def image_embeddings(df: pl.DataFrame, encoder: object) -> dict[str, np.ndarray]
 
 
 def audio_embeddings(df: pl.DataFrame, speech: object, text: object) -> dict[str, np.ndarray]:
-    """{"audio": (n, 384) Whisper, "transcript_vec": (n, 384) MiniLM, "transcript": (n,) str}."""
+    """{"audio": (n, 384) Whisper, "transcript": (n,) str, "transcript_vec": (n, 384) MiniLM}.
+
+    Only the slow Whisper part is cached; the transcripts are re-embedded with the current
+    text encoder (seconds), so a text-side change never re-runs transcription.
+    """
     from models.audio import decode_audio
     from models.speech import SpeechEncoder
     from models.text import TextEncoder
@@ -98,15 +102,13 @@ def audio_embeddings(df: pl.DataFrame, speech: object, text: object) -> dict[str
 
     def run(batch: list[str]) -> dict[str, np.ndarray]:
         emb, transcripts = speech.encode([decode_audio(Path(p).read_bytes()) for p in batch])
-        return {
-            "audio": emb,
-            "transcript_vec": text.encode(transcripts),
-            "transcript": np.array(transcripts, dtype=str),
-        }
+        return {"audio": emb, "transcript": np.array(transcripts, dtype=str)}
 
-    return cached(
+    data = cached(
         "audio",
-        f"{speech.version}+{text.version}",
+        speech.version,
         df["key"].to_list(),
         lambda: _batched(paths, run, 16, "embed + transcribe calls"),
     )
+    data["transcript_vec"] = text.encode([str(t) for t in data["transcript"]])
+    return data
