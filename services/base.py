@@ -54,6 +54,7 @@ class BatchService(ABC):
         self.batch_max = batch_max or batch.max
         self.batch_ms = batch_ms or batch.ms
         self.group_id = group_id or f"cityfuse-{self.name}"
+        # Set once the group join gave this member its partitions (or the service ended).
         self.ready = threading.Event()
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
@@ -115,9 +116,10 @@ class BatchService(ABC):
         self.producer = make_producer(self.settings)
         try:
             self.on_start()
-            self.ready.set()
             while not self.stop.is_set():
                 batch = self._poll_batch()
+                if not self.ready.is_set() and self.consumer.assignment():
+                    self.ready.set()
                 if batch:
                     t0 = time.perf_counter()
                     sent = self._send(self.process(batch))

@@ -81,10 +81,14 @@ class Pipeline:
             self.errors.append(f"{svc.name}: {type(e).__name__}: {e}")
             self.stop.set()
 
-    def start(self) -> Pipeline:
-        """Start every service thread."""
+    def start(self, wait_s: float = 60.0) -> Pipeline:
+        """Start every service thread and wait until each has joined its consumer group, so
+        that measured latencies do not include the one-time join (seconds on Tansu)."""
         for t in self.threads:
             t.start()
+        deadline = time.monotonic() + wait_s
+        for svc in self.services:
+            svc.ready.wait(max(0.0, deadline - time.monotonic()))
         return self
 
     def close(self, timeout: float = 30.0) -> None:
