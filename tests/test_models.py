@@ -18,12 +18,31 @@ from streams.errors import RejectedInput
 from streams.taxonomy import label_names
 
 
-def test_text_encoder_matches_sentence_transformers_pooling(models: Models) -> None:
+def test_text_view_is_minilm_beside_multilingual_e5(models: Models) -> None:
     a, b, c = models.text.encode(
         ["a car crashed into a truck", "two vehicles collided on the road", "I love this pizza"]
     )
-    assert a.shape == (384,) and abs(np.linalg.norm(a) - 1) < 1e-5
+    assert a.shape == (768,) and abs(np.linalg.norm(a) - 1) < 1e-5
     assert a @ b > a @ c  # paraphrases are closer than unrelated text
+    # MiniLM half: matches sentence-transformers' mean pooling + L2 on the cleaned text.
+    from sentence_transformers import SentenceTransformer
+
+    from models.weights import minilm_dir
+
+    st = SentenceTransformer(str(minilm_dir()), device="cpu").encode(
+        ["a car crashed into a truck"]
+    )[0]
+    np.testing.assert_allclose(a[:384] * np.sqrt(2), st, atol=1e-5)
+    # e5 half: a Spanish report is closer to its English meaning than to an unrelated one.
+    es, en, other = models.text.encode(
+        [
+            "incendio en un edificio, mucho humo",
+            "fire in a building, lots of smoke",
+            "I love this pizza",
+        ]
+    )
+    e5 = slice(384, 768)
+    assert es[e5] @ en[e5] > es[e5] @ other[e5]
 
 
 def test_vision_weights_give_sensible_imagenet_classes(models: Models, data_dir: Path) -> None:
