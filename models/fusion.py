@@ -28,12 +28,6 @@ META_FILE = "fusion_head.json"
 # Input name -> expert name. The transcript shares the text expert: both are MiniLM vectors.
 INPUT_EXPERT = {"text": "text", "image": "image", "audio": "audio", "transcript": "text"}
 INPUTS = tuple(INPUT_EXPERT)
-INPUT_MODALITY: dict[str, Modality] = {
-    "text": "text",
-    "image": "image",
-    "audio": "audio",
-    "transcript": "audio",
-}
 
 
 class FusionHead(nn.Module):

@@ -23,9 +23,9 @@ from models.fusion import ARTIFACT_DIR, HEAD_FILE, INPUTS, META_FILE, FusionHead
 from models.splits import audio_split, grouped_split
 from models.text import MiniLM
 from streams.console import console, progress
+from streams.schemas import MODALITIES
 from streams.taxonomy import label_names
 
-MODALITIES = ("text", "image", "audio")
 MINILM_DIM = MiniLM.dim  # the text view is [MiniLM ‖ e5]; MiniLM comes first
 
 

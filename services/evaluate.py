@@ -27,7 +27,7 @@ from streams.correlation import correlation_key
 from streams.errors import RejectedInput
 from streams.recording import inline_media, read_recording
 from streams.replay import replay
-from streams.schemas import Alert, DeadLetter, Embedding, Modality, parse_ts
+from streams.schemas import MODALITIES, Alert, DeadLetter, Embedding, Modality, parse_ts
 from streams.serde import from_bytes
 from streams.taxonomy import label_names
 
@@ -65,7 +65,7 @@ def score(
     """The metrics JSON (without latency): per modality, per incident, per class, DLQ."""
     names = label_names()
     per_modality: dict[str, Any] = {}
-    for m in ("text", "image", "audio"):
+    for m in MODALITIES:
         scored = [
             r for r in rows if r.evidence is not None and r.truth and r.evidence.modality == m
         ]
@@ -196,26 +196,31 @@ def run_via_kafka(
         sink = AlertSink(live, on_alert=sink_cb) if sink_cb else None
         pipeline = Pipeline(live, models, sink, fusion_kw).start()
     started = time.time()
+    skipped = {"alerts": 0, "dlq": 0}
     try:
         replay(live, folder, speed)
         deadline = time.monotonic() + timeout_s
+        alerts: list[Alert] = []
+        dlq: list[DeadLetter] = []
+        latest: dict[str, Alert] = {}
+        covered: set[str] = set()
         while True:
-            # Only what this run produced: a long-lived cluster holds older alerts too.
-            alerts = [
-                from_bytes(Alert, r.value)
-                for r in collector.snapshot(topics.ALERTS)
-                if r.timestamp / 1000 >= started - 1
-            ]
-            dlq = [
-                from_bytes(DeadLetter, r.value)
-                for r in collector.snapshot(topics.DLQ)
-                if r.timestamp / 1000 >= started - 1
-            ]
-            latest: dict[str, Alert] = {}
-            for a in alerts:
+            # Parse only what arrived since the last look, and only what this run produced
+            # (a long-lived cluster holds older alerts too).
+            for r in collector.snapshot(topics.ALERTS)[len(alerts) + skipped["alerts"] :]:
+                if r.timestamp / 1000 < started - 1:
+                    skipped["alerts"] += 1
+                    continue
+                a = from_bytes(Alert, r.value)
+                alerts.append(a)
                 if a.alert_id not in latest or a.version > latest[a.alert_id].version:
                     latest[a.alert_id] = a
-            covered = {e for a in latest.values() for e in a.evidence} & set(truth)
+                    covered.update(e for e in a.evidence if e in truth)
+            for r in collector.snapshot(topics.DLQ)[len(dlq) + skipped["dlq"] :]:
+                if r.timestamp / 1000 < started - 1:
+                    skipped["dlq"] += 1
+                    continue
+                dlq.append(from_bytes(DeadLetter, r.value))
             if len(covered) + len(dlq) >= len(truth) or time.monotonic() > deadline:
                 break
             if pipeline is not None and pipeline.errors:

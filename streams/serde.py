@@ -68,11 +68,6 @@ def from_bytes(model: type[M], raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_
         raise RejectedInput("validate", "schema_invalid", f"{where}: {first['msg']}") from e
 
 
-def decode_for_topic(topic: str, raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
-    """Parse a value read from ``topic`` with that topic's schema."""
-    return from_bytes(TOPIC_MODELS[topic], raw, max_bytes)
-
-
 def media_bytes(media: Media, max_bytes: int) -> bytes:
     """The raw bytes of inline or claim-checked (``file://``) media, bounded by ``max_bytes``."""
     if media.data_b64 is not None:
