@@ -74,8 +74,8 @@ def cli(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(threadName)s %(levelname)s %(message)s",
     )
-    # kafka-python warns about slow IO-loop tasks and reconnects; only errors matter here.
-    logging.getLogger("kafka").setLevel(logging.INFO if verbose else logging.ERROR)
+    # A failure to connect is reported once, by main(); -v shows the client's own story.
+    logging.getLogger("kafka").setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
 @cli.command()
@@ -291,7 +291,8 @@ def main() -> None:
         RuntimeError,
         json.JSONDecodeError,
     ) as e:
-        console.print(f"[red]error:[/] {type(e).__name__}: {e}".splitlines()[0])
+        text = str(e) if str(e).startswith(type(e).__name__) else f"{type(e).__name__}: {e}"
+        console.print(f"[red]error:[/] {text}".splitlines()[0], soft_wrap=True)
         sys.exit(2)
 
 
