@@ -104,6 +104,7 @@ class FusionService(BatchService):
         self.pending_s = conf.pending_s if pending_s is None else pending_s
         self.ttl_s = conf.ttl_s if ttl_s is None else ttl_s
         self.incidents: dict[str, Incident] = {}
+        self._assigned: list[TopicPartition] = []  # set by the rebalance listener
         self._lock = threading.Lock()
 
     # -- state -------------------------------------------------------------------------
@@ -183,7 +184,6 @@ class FusionService(BatchService):
 
     def on_start(self) -> None:
         assert self.consumer is not None
-        self._assigned: list[TopicPartition] = []
         self.consumer.unsubscribe()
         self.consumer.subscribe(list(self.input_topics), listener=_Rebuild(self))
 
