@@ -38,9 +38,8 @@ class Incident:
     """What fusion knows about one correlation key."""
 
     key: str
-    events: dict[str, Embedding] = field(
-        default_factory=dict
-    )  # event_id -> embedding, arrival order
+    # event_id -> embedding, in arrival order (the first one names the alert).
+    events: dict[str, Embedding] = field(default_factory=dict)
     emitted_version: int = 0
     emitted_evidence: frozenset[str] = frozenset()
     first_seen: float = field(default_factory=time.monotonic)
