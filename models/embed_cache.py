@@ -7,13 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import polars as pl
 
 from models.weights import cache_dir
 from streams.console import progress
+
+if TYPE_CHECKING:  # the encoders import torch & co.; only their types are needed here
+    from models.speech import SpeechEncoder
+    from models.text import TextEncoder
+    from models.vision import VisionEncoder
 
 T = TypeVar("T")
 
@@ -54,11 +59,8 @@ def cached(
     return data
 
 
-def text_embeddings(df: pl.DataFrame, encoder: object) -> dict[str, np.ndarray]:
+def text_embeddings(df: pl.DataFrame, encoder: TextEncoder) -> dict[str, np.ndarray]:
     """{"text": (n, 384)} for a text table, using a :class:`models.text.TextEncoder`."""
-    from models.text import TextEncoder
-
-    assert isinstance(encoder, TextEncoder)
     texts = df["text"].to_list()
     return cached(
         "text",
@@ -68,12 +70,10 @@ def text_embeddings(df: pl.DataFrame, encoder: object) -> dict[str, np.ndarray]:
     )
 
 
-def image_embeddings(df: pl.DataFrame, encoder: object) -> dict[str, np.ndarray]:
+def image_embeddings(df: pl.DataFrame, encoder: VisionEncoder) -> dict[str, np.ndarray]:
     """{"image": (n, 1280)} for an image table, using a :class:`models.vision.VisionEncoder`."""
     from models.images import decode_image
-    from models.vision import VisionEncoder
 
-    assert isinstance(encoder, VisionEncoder)
     paths = df["path"].to_list()
 
     def run(batch: list[str]) -> dict[str, np.ndarray]:
@@ -87,17 +87,16 @@ def image_embeddings(df: pl.DataFrame, encoder: object) -> dict[str, np.ndarray]
     )
 
 
-def audio_embeddings(df: pl.DataFrame, speech: object, text: object) -> dict[str, np.ndarray]:
+def audio_embeddings(
+    df: pl.DataFrame, speech: SpeechEncoder, text: TextEncoder
+) -> dict[str, np.ndarray]:
     """{"audio": (n, 384) Whisper, "transcript": (n,) str, "transcript_vec": (n, 384) MiniLM}.
 
     Only the slow Whisper part is cached; the transcripts are re-embedded with the current
     text encoder (seconds), so a text-side change never re-runs transcription.
     """
     from models.audio import decode_audio
-    from models.speech import SpeechEncoder
-    from models.text import TextEncoder
 
-    assert isinstance(speech, SpeechEncoder) and isinstance(text, TextEncoder)
     paths = df["path"].to_list()
 
     def run(batch: list[str]) -> dict[str, np.ndarray]:

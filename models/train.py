@@ -332,9 +332,9 @@ def write_artifact(
 
 
 def _whisper_sha() -> str:
-    from models.whisper_convert import _source
+    from models.whisper_convert import source_sha256
 
-    return _source("tiny.en").sha256
+    return source_sha256("tiny.en")
 
 
 def model_card(meta: dict[str, Any]) -> str:

@@ -74,6 +74,11 @@ def source_path(name: str = "tiny.en") -> Path:
     return path
 
 
+def source_sha256(name: str = "tiny.en") -> str:
+    """The pinned sha256 of the CTranslate2 source file (for model cards)."""
+    return _source(name).sha256
+
+
 def model_version(name: str = "tiny.en") -> str:
     """Version string that changes with the source weights, e.g. ``tiny.en-ct2-1a5afae06a4d``."""
     return f"{name}-ct2-{_source(name).sha256[:12]}"

@@ -27,7 +27,15 @@ from streams.correlation import correlation_key
 from streams.errors import RejectedInput
 from streams.recording import inline_media, read_recording
 from streams.replay import replay
-from streams.schemas import MODALITIES, Alert, DeadLetter, Embedding, Modality, parse_ts
+from streams.schemas import (
+    MODALITIES,
+    Alert,
+    DeadLetter,
+    Embedding,
+    Modality,
+    decode_vector,
+    parse_ts,
+)
 from streams.serde import from_bytes
 from streams.taxonomy import label_names
 
@@ -143,9 +151,13 @@ def offline_rows(folder: Path, models: Models) -> list[Row]:
 
 
 def _evidence(modality: Modality, fields: dict[str, Any]) -> Evidence:
-    emb = Embedding.model_construct(**fields)
-    text = Embedding.text_array(emb) if fields.get("text_vector") else None
-    return Evidence(modality, Embedding.array(emb), text)
+    """The head's view of the fields an encoder service put into an Embedding."""
+    text = fields.get("text_vector")
+    return Evidence(
+        modality,
+        decode_vector(fields["vector"], fields["dim"]),
+        decode_vector(text, fields["text_dim"]) if text else None,
+    )
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -40,6 +40,8 @@ class Incident:
     key: str
     # event_id -> embedding, in arrival order (the first one names the alert).
     events: dict[str, Embedding] = field(default_factory=dict)
+    # The same events' vectors, decoded once on arrival rather than at every decision.
+    vectors: dict[str, Evidence] = field(default_factory=dict)
     emitted_version: int = 0
     emitted_evidence: frozenset[str] = frozenset()
     first_seen: float = field(default_factory=time.monotonic)
@@ -49,7 +51,7 @@ class Incident:
         return alert_id(self.key, next(iter(self.events)))
 
     def evidence(self) -> list[Evidence]:
-        return [Evidence(e.modality, e.array(), e.text_array()) for e in self.events.values()]
+        return list(self.vectors.values())
 
 
 def build_alert(inc: Incident, pred: Prediction, model_version: str, version: int) -> Alert:
@@ -108,11 +110,16 @@ class FusionService(BatchService):
 
     # -- state -------------------------------------------------------------------------
     def add(self, emb: Embedding) -> Incident | None:
-        """Add one embedding to its incident; None when the event is already known (redelivery)."""
-        inc = self.incidents.setdefault(emb.correlation_key, Incident(emb.correlation_key))
-        if emb.event_id in inc.events:
+        """Add one embedding to its incident; None when the event is already known (redelivery).
+
+        Raises ValueError when the vector does not decode (nothing is stored then)."""
+        inc = self.incidents.get(emb.correlation_key)
+        if inc is not None and emb.event_id in inc.events:
             return None
+        evidence = Evidence(emb.modality, emb.array(), emb.text_array())
+        inc = self.incidents.setdefault(emb.correlation_key, Incident(emb.correlation_key))
         inc.events[emb.event_id] = emb
+        inc.vectors[emb.event_id] = evidence
         return inc
 
     def decide(self, inc: Incident, force: bool = False) -> Output | None:
@@ -142,9 +149,7 @@ class FusionService(BatchService):
         with self._lock:
             for rec in records:
                 try:
-                    emb = from_bytes(Embedding, rec.value or b"")
-                    emb.array()
-                    inc = self.add(emb)
+                    inc = self.add(from_bytes(Embedding, rec.value or b""))
                     if inc is not None:
                         touched[inc.key] = inc
                 except (RejectedInput, ValueError) as e:
@@ -206,8 +211,8 @@ class FusionService(BatchService):
             for rec in _read_until(self.settings, wanted):
                 try:
                     self.add(from_bytes(Embedding, rec.value or b""))
-                except RejectedInput:
-                    continue
+                except (RejectedInput, ValueError):
+                    continue  # rejected when first seen: its dead letter already exists
             if not wanted:
                 return
             last: dict[str, Alert] = {}

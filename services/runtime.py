@@ -8,8 +8,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from models.fusion import FusionModel
 from models.speech import SpeechEncoder
 from models.text import TextEncoder
@@ -36,7 +34,6 @@ class Models:
     @classmethod
     def load(cls) -> Models:
         """Load all encoders and the fusion head (first run converts Whisper, with a progress bar)."""
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         t0 = time.perf_counter()
         speech = SpeechEncoder()  # may convert weights: its own progress bar
         with console.status("loading text and vision encoders and the fusion head"):

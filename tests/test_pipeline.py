@@ -23,6 +23,13 @@ def pipeline(settings: KafkaSettings, models: Models) -> Iterator[Pipeline]:
     assert not p.errors, p.errors
 
 
+def report(settings: KafkaSettings, text: str, **fields: object) -> dict:
+    """Send one citizen text report; returns the message sent."""
+    msg = event(text=text, **fields)
+    send(settings, topics.TEXT, msg)
+    return msg
+
+
 def _final(alerts: list[dict]) -> dict:
     return max(alerts, key=lambda a: a["version"])
 
@@ -32,13 +39,10 @@ def test_text_frame_and_call_make_one_fire_alert(
 ) -> None:
     inc = f"it-fire-{uuid.uuid4().hex[:6]}"
     alerts = reader(settings, topics.ALERTS)
-    send(
+    report(
         settings,
-        topics.TEXT,
-        event(
-            incident_id=inc,
-            text="Huge fire on Via Roma, flames and thick black smoke coming out of the apartment block",
-        ),
+        "Huge fire on Via Roma, flames and thick black smoke coming out of the apartment block",
+        incident_id=inc,
     )
     send(
         settings,
@@ -82,13 +86,10 @@ def test_single_modality_incident_gets_an_alert(
 ) -> None:
     inc = f"it-crash-{uuid.uuid4().hex[:6]}"
     alerts = reader(settings, topics.ALERTS)
-    send(
+    report(
         settings,
-        topics.TEXT,
-        event(
-            incident_id=inc,
-            text="Crash on I-95 northbound: two cars collided and overturned, right lanes blocked",
-        ),
+        "Crash on I-95 northbound: two cars collided and overturned, right lanes blocked",
+        incident_id=inc,
     )
     got = wait_for(alerts, lambda a: a.get("incident_id") == inc)
     assert got
@@ -102,11 +103,11 @@ def test_events_without_incident_id_correlate_by_place_and_time(
 ) -> None:
     loc = {"lat": 41.9028, "lon": 12.4964 + (uuid.uuid4().int % 1000) * 0.01}
     alerts = reader(settings, topics.ALERTS)
-    first = event(
+    first = report(
+        settings,
+        "The river has flooded the street, water is knee deep and rising into the houses",
         location=loc,
-        text="The river has flooded the street, water is knee deep and rising into the houses",
     )
-    send(settings, topics.TEXT, first)
     send(
         settings,
         topics.FRAMES,
@@ -167,10 +168,6 @@ def test_bad_input_goes_to_dlq_and_service_goes_on(
     # The service is still alive: a good message after the bad one is processed.
     inc = f"after-{eid}"
     alerts = reader(settings, topics.ALERTS)
-    send(
-        settings,
-        topics.TEXT,
-        event(incident_id=inc, text="Smoke and flames from a burning car in the parking garage"),
-    )
+    report(settings, "Smoke and flames from a burning car in the parking garage", incident_id=inc)
     assert wait_for(alerts, lambda a: a.get("incident_id") == inc)
     assert not pipeline.errors
