@@ -61,3 +61,80 @@ def audio_split(df: pl.DataFrame, salt: str = "cityfuse-v1") -> tuple[pl.Series,
     in_voice = df["group"].is_in(val_voices)
     in_sentence = df["sentence_id"].is_in(val_sentences)
     return (~in_voice & ~in_sentence), (in_voice & in_sentence)
+
+
+# --- Three-way splits: train / val / test -------------------------------------------------
+# The validation groups above (salt "cityfuse-v1") have been used for choices: they stay
+# validation. Test groups come only from the groups no choice has looked at, so a test
+# score is never tuned. Every script, test and recording builder asks `three_way` (one place).
+
+SPENT_SALT = "cityfuse-v1"
+
+
+def _split_config() -> dict[str, object]:
+    import json
+
+    from streams.taxonomy import CONFIG_DIR
+
+    return dict(json.loads((CONFIG_DIR / "splits.json").read_text(encoding="utf-8")))
+
+
+def three_way(df: pl.DataFrame, modality: str) -> pl.Series:
+    """``"train" | "val" | "test"`` per row, whole groups only.
+
+    ``modality`` is ``text`` (test events named in ``configs/splits.json``), ``image``
+    (test groups by a salted hash among the unspent ones) or ``audio`` (test = two unspent
+    voices AND a quarter of the unspent sentences; training drops every test or validation
+    voice and sentence, so no voice or sentence is shared across splits).
+    """
+    cfg = _split_config()
+    salt, frac = str(cfg["test_salt"]), float(cfg["test_fraction"])  # type: ignore[arg-type]
+    if modality == "audio":
+        return _audio_three_way(df, salt)
+    val = grouped_split(df, salt=SPENT_SALT)
+    if modality == "text":
+        test = df["group"].is_in(list(cfg["text_test_groups"]))  # type: ignore[call-overload]
+    elif modality == "image":
+        rest = df.filter(~val)
+        test_groups = rest.filter(grouped_split(rest, val_fraction=frac, salt=salt))["group"]
+        test = df["group"].is_in(test_groups.unique().to_list())
+    else:
+        raise ValueError(f"unknown modality {modality!r}")
+    out = pl.select(
+        pl.when(pl.lit(test))
+        .then(pl.lit("test"))
+        .when(pl.lit(val))
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("train"))
+    ).to_series()
+    return out.alias("split")
+
+
+def _audio_three_way(df: pl.DataFrame, salt: str) -> pl.Series:
+    _, spent_val = audio_split(df, salt=SPENT_SALT)
+    voices = sorted(df["group"].unique(), key=lambda g: _rank(g, SPENT_SALT))
+    val_voices = voices[: max(1, len(voices) // 4)]
+    sentences = sorted(df["sentence_id"].unique(), key=lambda s: _rank(s, SPENT_SALT))
+    val_sentences = sentences[: max(1, len(sentences) // 4)]
+    free_voices = sorted(set(voices) - set(val_voices), key=lambda g: _rank(g, salt))
+    free_sentences = sorted(set(sentences) - set(val_sentences), key=lambda s: _rank(s, salt))
+    test_voices = free_voices[: max(1, len(voices) // 4)]
+    test_sentences = free_sentences[: max(1, len(sentences) // 4)]
+    voice, sent = df["group"], df["sentence_id"]
+    test = voice.is_in(test_voices) & sent.is_in(test_sentences)
+    held_voice = voice.is_in(val_voices + test_voices)
+    held_sent = sent.is_in(val_sentences + test_sentences)
+    train = ~held_voice & ~held_sent
+    return (
+        pl.select(
+            pl.when(pl.lit(test))
+            .then(pl.lit("test"))
+            .when(pl.lit(spent_val))
+            .then(pl.lit("val"))
+            .when(pl.lit(train))
+            .then(pl.lit("train"))
+            .otherwise(pl.lit("unused"))
+        )
+        .to_series()
+        .alias("split")
+    )
