@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from streams.taxonomy import label_names
+
 SCHEMA_VERSION = 1
 
 IMAGE_TYPES = ("image/jpeg", "image/png")
@@ -189,15 +191,38 @@ class Alert(Message):
 
 
 class Feedback(Message):
-    """An operator's verdict on an alert."""
+    """An operator's verdict on one version of an alert (JSON Schema: ``docs/schemas/feedback.v1.json``).
 
-    alert_id: str
-    alert_version: int
+    ``label`` is what the operator says the incident is: the alert's own label for
+    ``confirm``, ``no_incident`` for ``reject`` (a false alarm), the new label for ``relabel``.
+    """
+
+    operator: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@ -]+$")
+    alert_id: str = Field(min_length=1, max_length=200)
+    version: int = Field(ge=1)
     action: Literal["confirm", "reject", "relabel"]
-    label: str | None = None
-    operator: str
+    label: str
+    note: str = Field(default="", max_length=2000)
     ts: str
-    comment: str | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _known_label(cls, v: str) -> str:
+        if v not in label_names():
+            raise ValueError(f"unknown label {v!r}")
+        return v
+
+    @field_validator("ts")
+    @classmethod
+    def _iso_ts(cls, v: str) -> str:
+        parse_ts(v)
+        return v
+
+    @model_validator(mode="after")
+    def _reject_means_no_incident(self) -> Feedback:
+        if self.action == "reject" and self.label != "no_incident":
+            raise ValueError("reject (false alarm) carries label no_incident")
+        return self
 
 
 class DeadLetter(Message):
