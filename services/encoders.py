@@ -71,24 +71,52 @@ class EncoderService(BatchService):
         """Name and version of the encoder (for the Embedding's ``encoder`` field)."""
         return EncoderRef(name=self.encoder.name, version=self.encoder.version)
 
+    def _read(self, rec: ConsumerRecord) -> tuple[InputEvent, Any]:
+        """Validate and decode one record. Every failure is a RejectedInput with its stage:
+        a bug or an odd library error on hostile bytes must not stop the service."""
+        try:
+            event = from_bytes(self.schema, rec.value or b"")
+        except RejectedInput:
+            raise
+        except Exception as e:  # e.g. RecursionError/MemoryError-class surprises in parsing
+            raise RejectedInput(
+                "validate", "validate_error", f"{type(e).__name__}: {e}"[:500]
+            ) from e
+        try:
+            return event, self.decode(event)
+        except RejectedInput:
+            raise
+        except Exception as e:
+            raise RejectedInput("decode", "decode_error", f"{type(e).__name__}: {e}"[:500]) from e
+
+    def embed_bisect(self, inputs: list[Any]) -> list[dict[str, Any] | RejectedInput]:
+        """:meth:`embed` over the batch; when the forward pass fails, the batch is split in two
+        and each half retried, so only inputs that fail on their own are rejected."""
+        try:
+            return list(self.embed(inputs))
+        except Exception as e:
+            if len(inputs) == 1:
+                return [RejectedInput("infer", "inference_error", f"{type(e).__name__}: {e}"[:500])]
+        mid = len(inputs) // 2
+        return self.embed_bisect(inputs[:mid]) + self.embed_bisect(inputs[mid:])
+
     def process(self, records: list[ConsumerRecord]) -> Iterable[Output]:
         """Validate, decode, embed the batch; bad records go to the DLQ, the rest to embeddings."""
         outs: list[Output] = []
         good: list[tuple[ConsumerRecord, InputEvent, Any]] = []
         for rec in records:
             try:
-                event = from_bytes(self.schema, rec.value or b"")
-                good.append((rec, event, self.decode(event)))
+                event, decoded = self._read(rec)
+                good.append((rec, event, decoded))
             except RejectedInput as e:
                 outs.append(self.reject(e, rec))
         if not good:
             return outs
-        try:
-            results = self.embed([g[2] for g in good])
-        except Exception as e:
-            err = RejectedInput("infer", "inference_error", f"{type(e).__name__}: {e}")
-            return outs + [self.reject(err, rec) for rec, _, _ in good]
+        results = self.embed_bisect([g[2] for g in good])
         for (rec, event, _), fields in zip(good, results, strict=True):
+            if isinstance(fields, RejectedInput):
+                outs.append(self.reject(fields, rec))
+                continue
             key = correlation_key(event)
             emb = Embedding(
                 event_id=event.event_id,

@@ -14,3 +14,8 @@ ALERT_LATENCY = Histogram(
     "From the newest evidence's ingest to the alert",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+ERRORS = Counter(
+    "cityfuse_service_errors_total",
+    "Failed sends, commits refused by a rebalance, failed timers",
+    ["service", "kind"],
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from services.base import BatchService
 from streams.clients import KafkaSettings, cluster
 from streams.console import console
+
+log = logging.getLogger(__name__)
 
 
 def build(name: str, settings: KafkaSettings, stop: threading.Event) -> list[BatchService]:
@@ -41,8 +44,44 @@ def build(name: str, settings: KafkaSettings, stop: threading.Event) -> list[Bat
     ]
 
 
+class ServiceDied(RuntimeError):
+    """A service of ``cityfuse serve`` stopped on its own (the others were stopped too)."""
+
+
+def run_services(services: list[BatchService], stop: threading.Event) -> None:
+    """Run each service in a thread until ``stop`` is set or ANY of them ends.
+
+    A service that ends by itself (an exception, or a return without ``stop``) stops all the
+    others (``serve all`` never carries on with one of them dead) and raises
+    :class:`ServiceDied`, so the process exits non-zero and a supervisor restarts it."""
+    errors: dict[str, str] = {}
+
+    def run(svc: BatchService) -> None:
+        try:
+            svc.run()
+        except BaseException as e:
+            log.exception("service %s died", svc.name)
+            errors[svc.name] = f"{type(e).__name__}: {e}"
+        finally:
+            if not stop.is_set():
+                errors.setdefault(svc.name, "stopped without being asked to")
+                stop.set()
+
+    threads = [threading.Thread(target=run, args=(s,), name=s.name, daemon=True) for s in services]
+    for t in threads:
+        t.start()
+    while not stop.wait(0.5):
+        pass
+    for t in threads:
+        t.join(30)
+    if errors:
+        raise ServiceDied("; ".join(f"{n}: {e}" for n, e in errors.items()))
+
+
 def serve(settings: KafkaSettings, name: str, metrics_port: int | None = None) -> None:
-    """Run until SIGTERM or Ctrl-C; each service finishes and commits its batch before exiting."""
+    """Run until SIGTERM or Ctrl-C; each service finishes and commits its batch before exiting.
+
+    Raises :class:`ServiceDied` (exit status 2 from the CLI) when a service dies."""
     stop = threading.Event()
 
     def on_signal(*_: Any) -> None:
@@ -56,16 +95,9 @@ def serve(settings: KafkaSettings, name: str, metrics_port: int | None = None) -
         start_http_server(metrics_port, addr="127.0.0.1")
     with cluster(settings) as live:
         services = build(name, live, stop)
-        threads = [threading.Thread(target=s.run, name=s.name, daemon=True) for s in services]
-        for t in threads:
-            t.start()
         console.print(
             f"serving {', '.join(s.name for s in services)} on {live.bootstrap_servers}"
             " (Ctrl-C to stop)"
         )
-        while any(t.is_alive() for t in threads) and not stop.wait(0.5):
-            pass
-        stop.set()
-        for t in threads:
-            t.join(30)
+        run_services(services, stop)
     console.print("stopped: batches committed")

@@ -40,6 +40,30 @@ class Limits(BaseModel):
     image_pixels: int
     audio_bytes: int
     audio_seconds: float
+    # Frames: width/height ratio either way, and the size JPEGs are draft-decoded towards.
+    image_aspect_max: float
+    image_draft_px: int
+    # Audio: containers (PyAV format names) and codecs accepted, checked before decoding.
+    audio_containers: list[str]
+    audio_codecs: list[str]
+    # file:// media only below this folder (relative: to the working directory); null = no
+    # file:// at all. $CITYFUSE_MEDIA_ROOT overrides it.
+    media_root: str | None
+    # JSON: nesting depth, checked before parsing.
+    json_depth: int
+    # String fields (characters): ids and names, free text, URIs.
+    id_chars: int
+    name_chars: int
+    text_chars: int
+    uri_chars: int
+    # Timestamps accepted: this far into the future / this far back (seconds from now).
+    ts_future_s: float
+    ts_past_s: float
+    # Alerts keep the newest N evidence ids (and the total count).
+    evidence_ids: int
+    # A failed send is retried this often (doubling back-off) before the service stops.
+    send_retries: int
+    send_backoff_s: float
 
 
 class Dashboard(BaseModel):
