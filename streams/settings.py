@@ -78,7 +78,6 @@ class Dashboard(BaseModel):
 
 
 class ServiceDefaults(BaseModel):
-class ServiceDefaults(BaseModel):
     """Everything in ``configs/services.json``."""
 
     correlation: Correlation
