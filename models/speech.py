@@ -1,31 +1,92 @@
-"""Speech encoder: Whisper tiny.en gives a transcript and a pooled encoder embedding per clip."""
+"""Speech encoder: Whisper tiny.en gives a transcript and a pooled encoder embedding per clip.
+
+The variant comes from the ``audio`` key of ``configs/models.json``:
+
+- ``artifact``: a fine-tuned method from ``models/artifacts/speech_*.safetensors`` (LoRA merged
+  into the base weights at load time), or absent for the frozen base model;
+- ``context``: ``"trim"`` encodes only the clip's own length (rounded up to a 0.5 s bucket),
+  ``"full"`` pads every clip to Whisper's 30-second window;
+- ``int8_decoder``: int8 dynamic quantisation of the decoder's Linear layers and its output
+  projection (the encoder, which makes the embedding, stays fp32).
+"""
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-import whisper
+from torch import nn
 
+from models import whisper_infer as wi
 from models.whisper_convert import load_whisper, model_version
+from streams.taxonomy import CONFIG_DIR
 
-# The encoder emits one frame per 320 samples (20 ms): mel hop 160, then a stride-2 conv.
-_SAMPLES_PER_FRAME = whisper.audio.N_SAMPLES_PER_TOKEN
-# Greedy decoding sometimes loops ("by by by ..."); uncapped, one such clip holds the whole batch
-# for 224 decoder steps. Speech rarely tops ~6 tokens/s (this data set: at most 5), so cap at 10/s.
-_MAX_TOKENS_PER_SECOND = 10
+ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+# Trimmed contexts are rounded up to 25 frames (0.5 s): a clip's context depends only on its
+# own length, so batching never changes its result, and equal buckets share one forward pass.
+# Training pads by 0-50 random frames, so this padding is inside what the model has seen.
+_BUCKET_FRAMES = 25
+
+
+@dataclass(frozen=True)
+class SpeechConfig:
+    """The served speech variant (``configs/models.json`` → ``audio``)."""
+
+    encoder: str = "whisper-tiny.en-frozen"
+    model_name: str = "tiny.en"
+    artifact: str | None = None
+    context: str = "full"
+    int8_decoder: bool = False
+
+
+def speech_config(path: Path = CONFIG_DIR / "models.json") -> SpeechConfig:
+    """Read the ``audio`` entry of the model selection (unknown keys are an error)."""
+    raw = dict(json.loads(path.read_text(encoding="utf-8")).get("audio", {}))
+    return SpeechConfig(**raw)
 
 
 class SpeechEncoder:
-    """Whisper on CPU, offline: one batched encoder pass per call, greedy English decoding."""
+    """Whisper on CPU, offline: bucketed encoder passes, greedy English decoding with a kv cache."""
 
-    def __init__(self, model_name: str = "tiny.en") -> None:
-        self.model = load_whisper(model_name)
-        self.name = f"whisper-{model_name}"
-        self.version = model_version(model_name)
+    def __init__(self, model_name: str | None = None, config: SpeechConfig | None = None) -> None:
+        cfg = config or (SpeechConfig(model_name=model_name) if model_name else speech_config())
+        self.config = cfg
+        version = model_version(cfg.model_name)
+        if cfg.artifact:
+            from models.finetune_speech import load_artifact
+
+            path = ARTIFACT_DIR / cfg.artifact
+            self.model, _, _ = load_artifact(path)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+            version += f"+{path.stem}-{digest}"
+        else:
+            self.model = load_whisper(cfg.model_name)
+        self.model.requires_grad_(False)
+        self.projection: nn.Module = wi.OutputProjection(self.model)
+        if cfg.int8_decoder:
+            self.model.decoder, self.projection = wi.quantize_int8(
+                self.model.decoder, self.projection
+            )
+            version += "-int8dec"
+        if cfg.context == "trim":
+            version += "-trim"
+        elif cfg.context != "full":
+            raise ValueError(f"audio context must be 'trim' or 'full', not {cfg.context!r}")
+        self.name = f"whisper-{cfg.model_name}"
+        self.version = version
         self.dim: int = self.model.dims.n_audio_state
-        self._options = whisper.DecodingOptions(language="en", fp16=False, without_timestamps=True)
+        self.tokenizer = wi.english_tokenizer(self.model)
+
+    def context_for(self, n_samples: int) -> int:
+        """Encoder frames a clip of ``n_samples`` is encoded with."""
+        if self.config.context == "full":
+            return wi.N_FULL_CTX
+        frames = wi.frames_for(n_samples)
+        return min(-(-frames // _BUCKET_FRAMES) * _BUCKET_FRAMES, wi.N_FULL_CTX)
 
     @torch.inference_mode()
     def encode(self, audios: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
@@ -34,30 +95,18 @@ class SpeechEncoder:
         Returns ``(embeddings, transcripts)``: (n, dim) float32 unit vectors, the mean of the
         encoder frames that cover real audio, and the stripped greedy transcript of each clip.
         """
-        if not audios:
-            return np.zeros((0, self.dim), dtype=np.float32), []
-        # Mel per clip, not on the stacked batch: log_mel_spectrogram normalises by the global
-        # maximum, which would couple the clips of a batch.
-        mel = torch.stack(
-            [
-                whisper.log_mel_spectrogram(
-                    whisper.pad_or_trim(np.asarray(a, dtype=np.float32)),
-                    self.model.dims.n_mels,
-                )
-                for a in audios
-            ]
-        )
-        features = self.model.encoder(mel)  # (n, 1500, dim)
-        # Frames past the clip only encode padding; averaging them would wash out short clips.
-        n_frames = [
-            min(max(1, math.ceil(len(a) / _SAMPLES_PER_FRAME)), features.shape[1]) for a in audios
-        ]
-        pooled = torch.stack([f[:n].mean(0) for f, n in zip(features, n_frames, strict=True)])
-        embeddings = torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
-        seconds = min(max(map(len, audios)), whisper.audio.N_SAMPLES) / whisper.audio.SAMPLE_RATE
-        max_tokens = min(
-            math.ceil(seconds * _MAX_TOKENS_PER_SECOND) + 8, self.model.dims.n_text_ctx // 2
-        )
-        # decode() skips its own encoder pass when given features of shape (n, n_audio_ctx, dim).
-        results = whisper.decode(self.model, features, self._options, sample_len=max_tokens)
-        return embeddings, [r.text.strip() for r in results]
+        embeddings = np.zeros((len(audios), self.dim), dtype=np.float32)
+        transcripts = [""] * len(audios)
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(audios):
+            groups.setdefault(self.context_for(len(a)), []).append(i)
+        for ctx, rows in groups.items():
+            part = [np.asarray(audios[i], dtype=np.float32) for i in rows]
+            feats = wi.encode(self.model, wi.log_mel(part, self.model.dims.n_mels), ctx)
+            pooled = wi.pool(feats, [wi.frames_for(len(a)) for a in part])
+            embeddings[rows] = nn.functional.normalize(pooled, dim=-1).numpy()
+            cap = wi.max_tokens_for(max(map(len, part)))
+            tokens = wi.greedy_decode(self.model, feats, self.tokenizer, cap, self.projection)
+            for i, t in zip(rows, tokens, strict=True):
+                transcripts[i] = self.tokenizer.decode(t).strip()
+        return embeddings, transcripts
