@@ -164,6 +164,12 @@ def replay(settings: KafkaSettings, folder: Path, speed: float) -> None:
     default=None,
     help="With --via-kafka: run the services in this process (default: only for the embedded broker).",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["crisismmd-informative", "crisismmd-humanitarian"]),
+    default=None,
+    help="Also score a CrisisMMD text task (events with truth.crisismmd_<task>).",
+)
 @kafka_options
 def evaluate(
     settings: KafkaSettings,
@@ -173,11 +179,12 @@ def evaluate(
     speed: float,
     timeout: float,
     start_pipeline: bool | None,
+    task: str | None,
 ) -> None:
     """Score a recording against its ground truth; writes JSON and a confusion-matrix PNG."""
     from services.evaluate import evaluate as do_evaluate
 
-    do_evaluate(folder, out, via_kafka, settings, speed, timeout, start_pipeline)
+    do_evaluate(folder, out, via_kafka, settings, speed, timeout, start_pipeline, task=task)
     console.print(f"wrote {out}")
 
 
@@ -217,13 +224,22 @@ def broker(port: int | None) -> None:
     default=None,
     help="Artifact folder (default models/artifacts).",
 )
-def train(steps: int, out: Path | None) -> None:
-    """Embed ../shared/data (cached), train and calibrate the fusion head, write artifact + model card."""
-    from models.fusion import ARTIFACT_DIR
-    from models.train import TrainConfig, run_training
+@click.option(
+    "--tasks/--no-tasks", default=True, show_default=True, help="Also the CrisisMMD task heads."
+)
+@click.option("--head/--no-head", default=True, show_default=True, help="The fusion head.")
+@click.option(
+    "--search/--no-search",
+    default=True,
+    show_default=True,
+    help="Try the hyper-parameter grid on val (else the defaults).",
+)
+def train(steps: int, out: Path | None, tasks: bool, head: bool, search: bool) -> None:
+    """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
+    CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table."""
+    from models.train import run_all
 
-    meta = run_training(out or ARTIFACT_DIR, TrainConfig(steps=steps))
-    console.print(f"wrote {out or ARTIFACT_DIR} ({meta['version']})")
+    run_all(out, steps, tasks, head, search)
 
 
 @cli.command()

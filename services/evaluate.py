@@ -19,6 +19,8 @@ import numpy as np
 from models import metrics
 from models.fusion import Evidence, FusionModel
 from services.encoders import EncoderService, SpeechService, TextService, VisionService
+from services.eval_ablation import extra_scores
+from services.eval_tasks import check_task, score_task
 from services.runtime import Collector, Models, Pipeline
 from streams import topics
 from streams.clients import KafkaSettings, cluster
@@ -56,6 +58,7 @@ class Row:
     key: str | None = None  # None when the event is rejected
     evidence: Evidence | None = None
     dlq_reason: str | None = None
+    lang: str | None = None  # the message's ``lang`` (text), for ``per_language``
 
 
 def _group_truth(rows: list[Row]) -> dict[str, str]:
@@ -106,7 +109,7 @@ def score(
         "per_class": metrics.per_class(y_true, y_pred, names),
         "dlq": {"count": sum(dlq.values()), "by_reason": dict(dlq)},
         "_confusion": (y_true, y_pred),
-    }
+    } | extra_scores(rows, fusion)
 
 
 def _services(models: Models) -> dict[str, EncoderService]:
@@ -128,6 +131,7 @@ def offline_rows(folder: Path, models: Models) -> list[Row]:
     for ev in events:
         truth = (ev.truth or {}).get("label")
         row = Row(str(ev.message.get("event_id", "?")), ev.topic, truth)
+        row.lang = ev.message.get("lang")
         rows.append(row)
         svc = services[ev.topic]
         try:
@@ -256,7 +260,7 @@ def run_via_kafka(
             dlq_ids[f"?{len(dlq_ids)}"] = d.reason  # unreadable payload: counted, not matched
     rows = []
     for eid, ev in truth.items():
-        row = Row(eid, ev.topic, (ev.truth or {}).get("label"))
+        row = Row(eid, ev.topic, (ev.truth or {}).get("label"), lang=ev.message.get("lang"))
         found = embeddings.get(eid)
         if found is not None:
             row.key = found.correlation_key
@@ -290,6 +294,7 @@ def evaluate(
     timeout_s: float = 240.0,
     start_pipeline: bool | None = None,
     models: Models | None = None,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Score a recording and write ``out`` (JSON) and a confusion-matrix PNG beside it.
 
@@ -297,6 +302,8 @@ def evaluate(
     ``start_pipeline`` is set); against an external cluster they are expected to be running.
     """
     read_recording(folder)  # fail fast on a bad folder, before loading models
+    if task:
+        check_task(task)  # and on a missing task head
     settings = settings or KafkaSettings()
     if via_kafka:
         if start_pipeline is None:
@@ -307,9 +314,13 @@ def evaluate(
         with cluster(settings) as live:
             run = run_via_kafka(folder, live, models if start_pipeline else None, speed, timeout_s)
             result = kafka_metrics(run, fusion)
+            rows = run.rows
     else:
         models = models or Models.load()
-        result = score(offline_rows(folder, models), models.fusion)
+        rows = offline_rows(folder, models)
+        result = score(rows, models.fusion)
+    if task:
+        result["per_modality"]["text"][task] = score_task(folder, rows, task)
     y_true, y_pred = result.pop("_confusion")
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".confusion.png")

@@ -1,4 +1,5 @@
-"""The training pipeline on a tiny real slice: learns, validates on held-out groups, round-trips."""
+"""The training pipeline on a tiny real slice: three-way splits, learns, scores test with
+intervals, round-trips through the artifact files."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 
 from models.datasets import image_table, text_table
 from models.fusion import Evidence, FusionModel
+from models.fusion_eval import score_test
 from models.images import decode_image
-from models.splits import grouped_split
-from models.train import Pool, TrainConfig, evaluate_head, train_head, write_artifact
+from models.model_card import write_artifact
+from models.splits import three_way
+from models.train import Pool, TrainConfig, evaluate_head, sample_incidents, train_head
 from services.runtime import Models
 from streams.taxonomy import label_names
 
@@ -21,38 +24,80 @@ def _slice(df: pl.DataFrame, per_label: int) -> pl.DataFrame:
     return pl.concat([df.filter(pl.col("label") == lab).head(per_label) for lab in label_names()])
 
 
-def test_tiny_training_run_learns_and_round_trips(models: Models, tmp_path: Path) -> None:
+def _pool(models: Models, df: pl.DataFrame, name: str) -> Pool:
+    names = label_names()
+    if name == "text":
+        x = models.text.encode(df["text"].to_list())
+        return Pool(
+            {name: x}, np.array([names.index(v) for v in df["label"]]), df["lang"].to_numpy()
+        )
+    x = models.vision.encode([decode_image(Path(p).read_bytes()) for p in df["path"]])
+    return Pool({name: x}, np.array([names.index(v) for v in df["label"]]))
+
+
+def test_tiny_training_run_learns_scores_test_and_round_trips(
+    models: Models, tmp_path: Path
+) -> None:
     names = label_names()
     texts, images = text_table(), image_table()
-    t_val, i_val = grouped_split(texts), grouped_split(images)
-    t_train = _slice(texts.filter(~t_val).sample(fraction=1.0, seed=0, shuffle=True), 12)
-    i_train = _slice(images.filter(~i_val), 4)
-    i_test = _slice(images.filter(i_val), 2)
-    assert set(t_train["group"]).isdisjoint(set(texts.filter(t_val)["group"]))
+    t_split, i_split = three_way(texts, "text"), three_way(images, "image")
+    t_train = _slice(
+        texts.filter(t_split == "train").sample(fraction=1.0, seed=0, shuffle=True), 12
+    )
+    t_test = _slice(texts.filter(t_split == "test"), 3)
+    i_train = _slice(images.filter(i_split == "train"), 4)
+    i_test = _slice(images.filter(i_split == "test"), 2)
+    assert set(t_train["group"]).isdisjoint(set(t_test["group"]))
 
-    def pool(df: pl.DataFrame, name: str) -> Pool:
-        if name == "text":
-            x = models.text.encode(df["text"].to_list())
-        else:
-            x = models.vision.encode([decode_image(Path(p).read_bytes()) for p in df["path"]])
-        return Pool({name: x}, np.array([names.index(v) for v in df["label"]]))
-
-    train = {"text": pool(t_train, "text"), "image": pool(i_train, "image")}
+    train = {"text": _pool(models, t_train, "text"), "image": _pool(models, i_train, "image")}
+    test = {"text": _pool(models, t_test, "text"), "image": _pool(models, i_test, "image")}
     cfg = TrainConfig(steps=150, batch=64)
     head = train_head(train, cfg)
-    report, _, _ = evaluate_head(head, train | {"image": pool(i_test, "image")}, cfg, n_fused=200)
-    assert report["text"]["accuracy"] > 0.6  # type: ignore[index]  # fits its training slice (chance 0.14)
-    assert report["image"]["n"] == len(i_test)  # type: ignore[index]  # scored on held-out groups
-    report["calibration"] = {"temperature": 1.0, "ece_before": 0.0, "ece_after": 0.0}
-    info = {
-        "train_rows": {"text": len(t_train)},
-        "val_rows": {"image": len(i_test)},
-        "text_val_groups": [],
+    report, _, _ = evaluate_head(head, train, cfg, n_fused=200)
+    assert report["text"]["accuracy"] > 0.6  # type: ignore[index]  # fits its slice (chance 0.14)
+    scored = score_test(head, test, cfg, n_fused=200)
+    assert scored["image"]["n"] == len(i_test)
+    for key in ("text", "image", "fused_incidents"):
+        ci = scored[key]["macro_f1"]
+        assert 0.0 <= ci["lo"] <= ci["value"] <= ci["hi"] <= 1.0
+    assert set(scored["text_by_language"]) <= {"en", "es", "it", "pt", "other"}
+    assert sum(v["n"] for v in scored["text_by_language"].values()) == len(t_test)
+    abl = scored["ablation"]
+    assert abl["n"] > 0 and abl["text"]["n"] <= abl["n"]
+    val = {
+        "before_offset": report,
+        "after_offset": report,
+        "no_incident_offset": 0.0,
+        "temperature": 1.0,
+        "grid": [],
     }
-    write_artifact(head, cfg, report, info, tmp_path)
+    info = {
+        "text_encoder": "test",
+        "rows": {"train": {"text": len(t_train)}},
+        "text_groups": {"train": [], "val": [], "test": sorted(set(t_test["group"]))},
+        "train_seconds": 0.0,
+    }
+    write_artifact(head, cfg, val, scored, info, tmp_path)
     loaded = FusionModel.load(tmp_path)
     assert (tmp_path / "MODEL_CARD.md").read_text().startswith("# Model card")
     ev = [Evidence("text", train["text"].x["text"][0])]
     with torch.inference_mode():
         expected = names[int(head(*FusionModel.batch_inputs(ev)).argmax())]
     assert loaded.predict(ev).label == expected
+
+
+def test_eval_incidents_are_not_augmented() -> None:
+    """Val/test incidents keep every input: no view dropout, no dropped transcript."""
+    rng = np.random.default_rng(0)
+    ones = np.ones((20, 8), dtype=np.float32)
+    y = np.arange(20) % len(label_names())
+    pools = {
+        "text": Pool({"text": ones}, y),
+        "audio": Pool({"audio": ones, "transcript": ones}, y),
+    }
+    cfg = TrainConfig(blank_view=(0, 4), view_dropout=1.0)
+    x, mask, _ = sample_incidents(pools, 300, rng, cfg, augment=False)
+    assert bool((x["text"] == 1).all())
+    assert bool((mask["transcript"] == mask["audio"]).all())
+    x, mask, _ = sample_incidents(pools, 300, rng, cfg, augment=True)
+    assert bool((x["text"][:, :, :4] == 0).all())  # training: the view is blanked
