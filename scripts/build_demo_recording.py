@@ -1,7 +1,9 @@
-"""Build ``recordings/demo`` from held-out (validation) groups of ../shared/data.
+"""Build ``recordings/demo`` from the TEST groups of ../shared/data (``models.splits.three_way``).
 
-Every sample comes from a group the shipped fusion head never trained on (models/splits.py),
-picked at random with a fixed seed (never by how the model does on it). Usage:
+Every sample comes from a test group: never trained on, never used for a choice. Samples
+are picked at random with a fixed seed (never by how the model does on them), and texts
+are not filtered (no length or retweet filter): the demo shows the data as it is. The
+text test events hold no fire report, so fire incidents carry frames and calls only. Usage:
 
     python scripts/build_demo_recording.py [--out recordings/demo] [--seed 7]
 """
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import polars as pl
 
-from models.datasets import audio_table, data_dir, image_table, text_table
-from models.splits import audio_split, grouped_split
+from models.datasets import audio_table, image_table, text_table
+from models.splits import three_way
 from streams import topics
 from streams.correlation import CELL_M, geo_cell
 from streams.recording import Manifest, RecordedEvent
@@ -57,17 +59,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    root = data_dir()
 
     texts = text_table()
-    texts = texts.filter(grouped_split(texts))
-    texts = texts.filter(
-        (pl.col("text").str.len_chars() >= 60) & ~pl.col("text").str.starts_with("RT ")
-    )
+    texts = texts.filter(three_way(texts, "text") == "test")
     images = image_table()
-    images = images.filter(grouped_split(images))
+    images = images.filter(three_way(images, "image") == "test")
     audio = audio_table()
-    audio = audio.filter(audio_split(audio)[1])
+    audio = audio.filter(three_way(audio, "audio") == "test")
 
     out: Path = args.out
     if out.exists():
@@ -98,7 +96,7 @@ def main() -> None:
                 rows_out = chosen[start : start + n]
                 used.update(r["key"] for r in rows_out)
                 return rows_out
-        chosen_rows = rng.sample(rows, n)
+        chosen_rows = rng.sample(rows, min(n, len(rows)))  # text test has no fire report
         used.update(r["key"] for r in chosen_rows)
         return chosen_rows
 
@@ -226,8 +224,9 @@ def main() -> None:
     manifest = Manifest(
         name="demo",
         description=(
-            f"{len(PLAN)} incidents over all seven labels, built from held-out groups of "
-            "../shared/data (never trained on), plus 3 bad inputs for the DLQ."
+            f"{len(PLAN)} incidents over all seven labels, built from the TEST groups of "
+            "../shared/data (models.splits.three_way: never trained on, never used for a "
+            "choice; texts unfiltered), plus 3 bad inputs for the DLQ."
         ),
         labels=label_names(),
         tasks=["label"],
@@ -235,7 +234,8 @@ def main() -> None:
             {
                 "built_by": "scripts/build_demo_recording.py",
                 "seed": str(args.seed),
-                "data": str(root),
+                "data": "../shared/data",
+                "split": "test (models.splits.three_way, configs/splits.json)",
             },
             *provenance,
         ],
