@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
+M = TypeVar("M", bound=nn.Module)
 N_FULL_CTX = whisper.audio.N_FRAMES // 2  # 1500 encoder frames = 30 s
 _SAMPLES_PER_FRAME = whisper.audio.N_SAMPLES_PER_TOKEN  # 320 samples = 20 ms per encoder frame
 # Greedy decoding sometimes loops ("by by by ..."); uncapped, one such clip holds the whole batch.
@@ -176,14 +178,18 @@ def plain_linears(module: nn.Module) -> nn.Module:
     return module
 
 
-def quantize_int8(model: Whisper, projection: nn.Module) -> tuple[Whisper, nn.Module]:
-    """int8 dynamic quantisation of every Linear of ``model`` and of the output projection."""
+def quantize_int8(module: M, projection: nn.Module) -> tuple[M, nn.Module]:
+    """int8 dynamic quantisation of every Linear of ``module`` and of the output projection.
+
+    Activations are quantised per call over the whole batch, so results can shift slightly
+    with the batch's content: used for the decoder only, never for the embedding encoder.
+    """
     from torch.ao.quantization import quantize_dynamic
 
-    plain_linears(model)
-    qmodel = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    plain_linears(module)
+    qmodule = quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
     qproj = quantize_dynamic(projection, {nn.Linear}, dtype=torch.qint8)
-    return qmodel, qproj
+    return qmodule, qproj
 
 
 _FILLERS = {"uh", "um", "er", "ah"}
