@@ -20,7 +20,7 @@ import torch
 from rich.table import Table
 
 from models.audio import SAMPLE_RATE
-from models.finetune_speech import ARTIFACT_DIR, load_split, wer_by_voice
+from models.finetune_speech import ARTIFACT_DIR, load_split, refresh_table, wer_by_voice
 from models.speech import SpeechConfig, SpeechEncoder
 from streams.console import console, progress
 
@@ -105,6 +105,7 @@ def main(argv: list[str]) -> None:
     table_json = json.loads(out.read_text()) if out.is_file() else {}
     table_json["serving"] = rows
     out.write_text(json.dumps(table_json, indent=1, sort_keys=True) + "\n")
+    refresh_table(ARTIFACT_DIR)
     console.print(f"wrote {out.name} (serving)")
 
 
