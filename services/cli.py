@@ -102,6 +102,12 @@ def cli(verbose: bool) -> None:
     show_default=True,
     help="Seconds to wait for alerts after replay.",
 )
+@click.option(
+    "--dashboard",
+    "with_dashboard",
+    is_flag=True,
+    help="Also serve the operator dashboard (URL with token printed); stays up until Ctrl-C.",
+)
 @kafka_options
 def demo(
     settings: KafkaSettings,
@@ -109,11 +115,12 @@ def demo(
     speed: float,
     summary_json: Path | None,
     timeout: float,
+    with_dashboard: bool,
 ) -> None:
     """Start the broker and all services, replay the demo recording, show alerts live, summarise."""
     from services.demo import run_demo
 
-    run_demo(settings, recording, speed, summary_json, timeout)
+    run_demo(settings, recording, speed, summary_json, timeout, with_dashboard)
 
 
 @cli.command()
