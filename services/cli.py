@@ -250,6 +250,26 @@ def train(steps: int, out: Path | None, tasks: bool, head: bool, search: bool) -
 
 
 @cli.command()
+@click.option(
+    "--modality", type=click.Choice(["text", "image", "audio"]), required=True, help="Encoder."
+)
+@click.option("--method", required=True, help="A method of models/finetune_<modality>.py.")
+def finetune(modality: str, method: str) -> None:
+    """Fine-tune one encoder with one method; writes models/artifacts/<modality>_<method>.*."""
+    import importlib
+
+    # One module per modality, each with METHODS and run(method): this command only dispatches.
+    module = {"text": "text", "image": "vision", "audio": "speech"}[modality]
+    finetuner = importlib.import_module(f"models.finetune_{module}")
+    if method not in finetuner.METHODS:
+        raise click.BadParameter(
+            f"{method!r}; {modality} methods: {', '.join(finetuner.METHODS)}", param_hint="--method"
+        )
+    result = finetuner.run(method)
+    console.print_json(data=result)
+
+
+@cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds to record.")
 @click.option("--name", default="recorded", show_default=True)
