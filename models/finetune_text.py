@@ -95,47 +95,38 @@ class TextSplits:
     labels: list[str] = field(default_factory=label_names)
 
 
-def load_splits(val_english: int = 1000, seed: int = 0) -> TextSplits:
-    """Train and validation rows of ``three_way(text_table(), "text")``, texts cleaned.
-
-    Validation keeps every non-English row and a fixed sample of ``val_english`` English rows:
-    the product's reports are mostly es/it/pt, and one core cannot afford the full 4.5k English
-    rows per method. The sample is the same for every method.
-    """
+def labelled_rows(split: str) -> pl.DataFrame:
+    """Rows of one ``three_way(text_table(), "text")`` split: text cleaned, label id ``y``."""
     from models.datasets import text_table
     from models.splits import three_way
     from models.text import clean_text
 
     df = text_table()
     names = label_names()
-    df = df.with_columns(
-        split=three_way(df, "text"),
-        text=pl.col("text").map_elements(clean_text, return_dtype=pl.String),
-        y=pl.col("label").map_elements(names.index, return_dtype=pl.Int64),
+    return (
+        df.with_columns(
+            split=three_way(df, "text"),
+            text=pl.col("text").map_elements(clean_text, return_dtype=pl.String),
+            y=pl.col("label").map_elements(names.index, return_dtype=pl.Int64),
+        ).filter(pl.col("split") == split)  # table order: the frozen-vector cache keys on it
     )
-    val = df.filter(pl.col("split") == "val")
+
+
+def load_splits(val_english: int = 1000, seed: int = 0) -> TextSplits:
+    """Train rows and the validation subset.
+
+    Validation keeps every non-English row and a fixed sample of ``val_english`` English rows:
+    the product's reports are mostly es/it/pt, and one core cannot afford the full 4.5k English
+    rows per method. The sample is the same for every method.
+    """
+    val = labelled_rows("val")
     val = pl.concat(
         [
             val.filter(pl.col("lang") != "en"),
             val.filter(pl.col("lang") == "en").sample(val_english, seed=seed),
         ]
     )
-    return TextSplits(train=df.filter(pl.col("split") == "train"), val=val.sort("key"))
-
-
-def test_rows() -> pl.DataFrame:
-    """The test split, cleaned (scored once, at the end, for the chosen default)."""
-    from models.datasets import text_table
-    from models.splits import three_way
-    from models.text import clean_text
-
-    df = text_table()
-    names = label_names()
-    return df.with_columns(
-        split=three_way(df, "text"),
-        text=pl.col("text").map_elements(clean_text, return_dtype=pl.String),
-        y=pl.col("label").map_elements(names.index, return_dtype=pl.Int64),
-    ).filter(pl.col("split") == "test")
+    return TextSplits(train=labelled_rows("train"), val=val.sort("key"))
 
 
 def balanced_batches(y: np.ndarray, batch: int, steps: int, seed: int) -> Iterator[np.ndarray]:

@@ -32,3 +32,32 @@ def test_tokenizer_follows_sentencepiece_rules() -> None:
     # Runs of whitespace collapse to one metaspace: no empty "▁" piece between words.
     assert "▁" not in pieces
     assert max(ids) < len(tok)
+
+
+def test_one_tiny_lora_step_changes_the_adapter() -> None:
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from models.finetune_text import (
+        FTConfig,
+        TextSplits,
+        build,
+        labelled_rows,
+        train_steps,
+        trainable_state,
+    )
+
+    torch.set_num_threads(1)
+    rows = labelled_rows("train")
+    # 8 real training reports over 4 labels (2 each), so class-balanced batches can be drawn.
+    eight = pl.concat([g.head(2) for _, g in rows.group_by("y", maintain_order=True)]).head(8)
+    splits = TextSplits(train=eight, val=rows.head(0))
+    cfg = FTConfig("lora", steps=2, batch=4, lr=1e-2)
+    model, tokenizer = build("lora", cfg)
+    before = trainable_state(model)
+    losses = train_steps(model, tokenizer, splits, np.zeros((8, 384), np.float32), cfg)
+    after = trainable_state(model)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    lora_b = [k for k in before if "lora_B" in k]
+    assert lora_b and any(not torch.equal(before[k], after[k]) for k in lora_b)
