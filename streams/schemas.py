@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from streams.settings import defaults
 from streams.taxonomy import label_names
 
 SCHEMA_VERSION = 1
@@ -29,6 +30,13 @@ IMAGE_TYPES = ("image/jpeg", "image/png")
 AUDIO_TYPES = ("audio/ogg", "audio/wav", "audio/flac", "audio/mpeg")
 Modality = Literal["text", "image", "audio"]
 MODALITIES: tuple[Modality, ...] = ("text", "image", "audio")
+
+# Bounds from configs/services.json ("limits"): every string field has a maximum length.
+_LIM = defaults().limits
+IdStr = Annotated[str, Field(max_length=_LIM.id_chars)]
+NameStr = Annotated[str, Field(max_length=_LIM.name_chars)]
+FreeText = Annotated[str, Field(max_length=_LIM.text_chars)]
+UriStr = Annotated[str, Field(max_length=_LIM.uri_chars)]
 
 
 def utc_now() -> str:
@@ -40,6 +48,17 @@ def parse_ts(ts: str) -> datetime:
     """Parse an ISO 8601 timestamp; naive times are taken as UTC."""
     dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def check_ts_range(ts: str) -> str:
+    """An event time must be plausible: not beyond ``limits.ts_future_s`` from now, not older
+    than ``limits.ts_past_s`` (a year-9999 or year-1 time would poison windows and TTLs)."""
+    if len(ts) > 64:
+        raise ValueError("ts_out_of_range: not an ISO 8601 time")
+    age = (datetime.now(UTC) - parse_ts(ts)).total_seconds()
+    if age < -_LIM.ts_future_s or age > _LIM.ts_past_s:
+        raise ValueError(f"ts_out_of_range: {ts} is {age:.0f} s from now")
+    return ts
 
 
 class Message(BaseModel):
@@ -60,17 +79,18 @@ class Message(BaseModel):
 class Location(BaseModel):
     """A WGS 84 point."""
 
-    lat: float = Field(ge=-90, le=90)
-    lon: float = Field(ge=-180, le=180)
+    lat: float = Field(ge=-90, le=90, allow_inf_nan=False)
+    lon: float = Field(ge=-180, le=180, allow_inf_nan=False)
 
 
 class Media(BaseModel):
     """Inline (base64) or claim-check (``uri``) media."""
 
     model_config = ConfigDict(extra="ignore")
-    content_type: str
+    content_type: NameStr
+    # Inline media is bounded by limits.message_bytes (checked before parsing).
     data_b64: str | None = None
-    uri: str | None = None
+    uri: UriStr | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> Media:
@@ -91,31 +111,30 @@ def _content_type_in(allowed: tuple[str, ...]) -> Callable[[Media], Media]:
 class InputEvent(Message):
     """Fields common to all three input topics."""
 
-    event_id: str = Field(min_length=1, max_length=200)
+    event_id: str = Field(min_length=1, max_length=_LIM.id_chars)
     ts: str
-    source: str = "unknown"
-    incident_id: str | None = None
+    source: NameStr = "unknown"
+    incident_id: IdStr | None = None
     location: Location | None = None
-    area: str | None = None
+    area: NameStr | None = None
 
     @field_validator("ts")
     @classmethod
     def _iso_ts(cls, v: str) -> str:
-        parse_ts(v)
-        return v
+        return check_ts_range(v)
 
 
 class TextReport(InputEvent):
     """A citizen text report."""
 
-    text: str = Field(min_length=1, max_length=10_000)
-    lang: str | None = None
+    text: str = Field(min_length=1, max_length=_LIM.text_chars)
+    lang: NameStr | None = None
 
 
 class CameraFrame(InputEvent):
     """One frame of a city camera."""
 
-    camera_id: str
+    camera_id: IdStr
     media: Annotated[Media, AfterValidator(_content_type_in(IMAGE_TYPES))]
     frame_index: int | None = None
 
@@ -123,9 +142,9 @@ class CameraFrame(InputEvent):
 class HotlineCall(InputEvent):
     """One hotline call recording."""
 
-    call_id: str
+    call_id: IdStr
     media: Annotated[Media, AfterValidator(_content_type_in(AUDIO_TYPES))]
-    duration_s: float | None = None
+    duration_s: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class EncoderRef(BaseModel):
