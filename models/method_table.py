@@ -68,27 +68,47 @@ def _time(row: dict[str, Any]) -> str:
 
 
 def _inference(row: dict[str, Any]) -> str:
-    ms = _first(row, "inference_ms", "ms_per_item", "inference_ms_per_item")
+    ms = _first(row, "inference_ms", "ms_per_item", "inference_ms_per_frame")
     if isinstance(ms, int | float):
-        return f"{float(ms):.1f} ms/item"
+        return f"{float(ms):.2f} ms/item"
+    if isinstance(row.get("ms_per_batch32"), int | float):
+        return f"{float(row['ms_per_batch32']):.0f} ms/32 texts"
     return str(_first(row, "inference") or "-")
 
 
+def _rows_of(data: Any) -> list[dict[str, Any]]:
+    """The row dicts of a methods file: a list, ``rows``, ``methods`` (list or dict), or a
+    dict of method -> row."""
+    if isinstance(data, list):
+        return [r for r in data if isinstance(r, dict)]
+    for key in ("rows", "methods"):
+        if data.get(key):
+            return _rows_of(data[key])
+    return [v for v in data.values() if isinstance(v, dict) and "method" in v]
+
+
+def _f1(row: dict[str, Any]) -> Any:
+    direct = _first(row, "test_macro_f1", "macro_f1", "val_macro_f1")
+    if direct is not None:
+        return direct
+    val = row.get("val")
+    if isinstance(val, dict):  # vision: {"val": {"own_classifier": {"macro_f1": ...}}}
+        own = val.get("own_classifier", val)
+        if isinstance(own, dict):
+            return own.get("macro_f1")
+    return None
+
+
 def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
-    """Rows from the encoder engineers' ``*_methods.json`` (a list, or {"rows"|"methods": [...]})."""
+    """Rows from the encoder engineers' ``*_methods.json`` files, whatever their layout."""
     out: list[tuple[str, ...]] = []
     for name in METHOD_FILES:
         path = folder / name
         if not path.exists():
             continue
-        data = json.loads(path.read_text())
-        rows = data if isinstance(data, list) else data.get("rows") or data.get("methods") or []
         default_mod = MODALITY_OF[name.split("_")[0]]
-        for r in rows:
-            split = str(
-                _first(r, "split", "scored_on") or ("test" if "test_macro_f1" in r else "val")
-            )
-            f1 = _first(r, "test_macro_f1", "macro_f1", "val_macro_f1")
+        for r in _rows_of(json.loads(path.read_text())):
+            split = _first(r, "split", "scored_on") or ("test" if "test_macro_f1" in r else "val")
             method = str(_first(r, "method", "name") or "?")
             if r.get("default"):
                 method += " (default)"
@@ -96,8 +116,8 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
                 (
                     str(r.get("modality", default_mod)),
                     method,
-                    split,
-                    _num(f1),
+                    str(split),
+                    _num(_f1(r)),
                     _params(r),
                     _time(r),
                     _size(r),
