@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.resources
 import os
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -30,6 +34,29 @@ def tansu_binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | 0o111)
     return path
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), even when this process is SIGKILLed and no cleanup runs.
+
+    Linux sends the signal when the parent *thread* that forked the child ends: start the
+    broker from a thread that lives as long as it should (the main thread, normally)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # The parent may have died between fork and prctl: then nobody would signal us.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def free_port() -> int:
@@ -57,10 +84,10 @@ class EmbeddedBroker:
         self.advertised_port = advertised_port or self.port
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
-        # Kept open for the broker's lifetime (closed in stop()), hence no context manager.
-        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            prefix="tansu-", suffix=".log", delete=False
-        )
+        # The broker's log: a file unlinked at once, so it disappears with the last open
+        # descriptor, however this process ends (SIGKILL included). Read back with pread.
+        self._log_fd, path = tempfile.mkstemp(prefix="tansu-", suffix=".log")
+        os.unlink(path)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -80,8 +107,14 @@ class EmbeddedBroker:
             "memory://tansu/",
         ]
         # New session: Ctrl-C in the terminal reaches us, and we stop the broker ourselves.
+        # ... and it dies with us even when we are SIGKILLed (no orphan broker).
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdout=self._log_fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # Only prctl and getppid run between fork and exec.
+            preexec_fn=die_with_parent(),
         )
         atexit.register(self.stop)
         self._wait_ready()
@@ -117,22 +150,24 @@ class EmbeddedBroker:
     def log_tail(self, n: int = 2000) -> str:
         """The end of the broker's log, for error messages."""
         try:
-            return Path(self._log.name).read_text(errors="replace")[-n:]
+            size = os.fstat(self._log_fd).st_size
+            return os.pread(self._log_fd, n, max(0, size - n)).decode(errors="replace")
         except OSError:
             return ""
 
     def stop(self) -> None:
         """Terminate the broker (SIGTERM, then SIGKILL after 5 s). Safe to call twice."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        self._log.close()
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
