@@ -13,13 +13,20 @@ from PIL import Image
 
 from models.fusion import Evidence, FusionModel
 from models.images import ImageLimits, decode_image
+from models.text import FROZEN_VIEWS, TextEncoder
 from services.runtime import Models
 from streams.errors import RejectedInput
 from streams.taxonomy import label_names
 
 
-def test_text_view_is_minilm_beside_multilingual_e5(models: Models) -> None:
-    a, b, c = models.text.encode(
+@pytest.fixture(scope="module")
+def frozen_views() -> TextEncoder:
+    """The former text view, still selectable in configs/models.json (minilm+e5q4-frozen)."""
+    return TextEncoder(FROZEN_VIEWS)
+
+
+def test_text_view_is_minilm_beside_multilingual_e5(frozen_views: TextEncoder) -> None:
+    a, b, c = frozen_views.encode(
         ["a car crashed into a truck", "two vehicles collided on the road", "I love this pizza"]
     )
     assert a.shape == (768,) and abs(np.linalg.norm(a) - 1) < 1e-5
@@ -34,7 +41,7 @@ def test_text_view_is_minilm_beside_multilingual_e5(models: Models) -> None:
     )[0]
     np.testing.assert_allclose(a[:384] * np.sqrt(2), st, atol=1e-5)
     # e5 half: a Spanish report is closer to its English meaning than to an unrelated one.
-    es, en, other = models.text.encode(
+    es, en, other = frozen_views.encode(
         [
             "incendio en un edificio, mucho humo",
             "fire in a building, lots of smoke",
