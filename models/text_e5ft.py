@@ -32,7 +32,7 @@ class FineTunedE5:
 
     dim = 384
 
-    def __init__(self, artifact: str, max_length: int = 128) -> None:
+    def __init__(self, artifact: str) -> None:
         path = ARTIFACTS / artifact
         model, self.tokenizer, cfg = load_classifier(path)
         encoder = model.encoder
@@ -42,9 +42,8 @@ class FineTunedE5:
         self.model = model.eval()
         self.method = cfg.method
         self.version = artifact_version(path)
-        # Longer than training's 64 pieces: a few long reports keep their tail; mean pooling
-        # is length-robust. Bounded so one huge text cannot stall a batch.
-        self.max_length = max_length
+        # The length the method was trained and chosen on (validation scored the same way).
+        self.max_length = cfg.max_length
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
 
     @torch.inference_mode()
