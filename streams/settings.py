@@ -77,6 +77,12 @@ class Dashboard(BaseModel):
     sse_queue: int
 
 
+class Learn(BaseModel):
+    """Continual learning: the folder of learned fusion heads (``CURRENT`` names the live one)."""
+
+    model_dir: str
+
+
 class ServiceDefaults(BaseModel):
     """Everything in ``configs/services.json``."""
 
@@ -85,6 +91,7 @@ class ServiceDefaults(BaseModel):
     fusion: Fusion
     limits: Limits
     dashboard: Dashboard
+    learn: Learn
 
 
 @lru_cache(maxsize=1)
