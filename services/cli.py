@@ -17,9 +17,10 @@ import click
 
 from streams.clients import KafkaSettings
 from streams.console import console
+from streams.recording import demo_recording
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_RECORDING = REPO / "recordings" / "demo"
+DEMO_RECORDING = demo_recording()
 
 
 def kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,9 +12,15 @@ from pydantic import BaseModel, Field, ValidationError
 
 from streams import topics
 from streams.schemas import utc_now
+from streams.taxonomy import package_folder
 
 FORMAT = "cityfuse-recording"
 VERSION = 1
+
+
+def demo_recording() -> Path:
+    """The bundled demo recording (package data of ``recordings``)."""
+    return package_folder("recordings") / "demo"
 
 
 class RecordingError(ValueError):

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def package_folder(package: str) -> Path:
+    """A data folder shipped as a package (``configs``, ``recordings``): found with
+    importlib.resources, so a wheel or ``pip install .`` works, not only the source tree."""
+    try:
+        return Path(str(importlib.resources.files(package)))
+    except (ModuleNotFoundError, TypeError):
+        # An editable install made before these folders became packages: the source tree.
+        return Path(__file__).resolve().parent.parent / package
+
+
+CONFIG_DIR = package_folder("configs")
 
 
 class Label(BaseModel):

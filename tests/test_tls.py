@@ -1,12 +1,13 @@
-"""TLS client settings, end to end: Tansu has no working TLS, so a real TLS-terminating
-proxy (Debian stunnel4, installed by .ci/run) sits in front of it and the broker advertises
-the proxy's port. A throwaway CA is made here with openssl."""
+"""TLS client settings, end to end: Tansu has no working TLS, so a TLS-terminating proxy
+written with Python's ``ssl`` (tests/tls_proxy.py) sits in front of it and the broker
+advertises the proxy's port. The throwaway CA is made with ``cryptography``: no system
+package is needed."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,97 +20,44 @@ from streams import topics
 from streams.broker import EmbeddedBroker, free_port
 from streams.clients import KafkaSettings, ensure_topics, make_producer
 from tests.kafka_helpers import reader
+from tests.tls_proxy import TlsProxy, make_ca_and_server_cert
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_ca_and_server_cert(d: Path) -> None:
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=cityfuse-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        cwd=d,
-    )
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        cwd=d,
-    )
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-        cwd=d,
-    )
-
-
 @pytest.fixture(scope="module")
 def tls_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaSettings]:
-    stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
-    assert stunnel, "stunnel4 is required (Debian package; .ci/run installs it)"
     d = tmp_path_factory.mktemp("tls")
-    _make_ca_and_server_cert(d)
-    proxy = free_port()
-    with EmbeddedBroker(advertised_port=proxy) as broker:
-        (d / "stunnel.conf").write_text(
-            f"foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{proxy}\n"
-            f"connect = 127.0.0.1:{broker.port}\ncert = {d}/server.pem\nkey = {d}/server.key\n"
+    ca, cert, key = make_ca_and_server_cert(d)
+    proxy_port = free_port()
+    with (
+        EmbeddedBroker(advertised_port=proxy_port) as broker,
+        TlsProxy(proxy_port, broker.port, cert, key),
+    ):
+        settings = KafkaSettings(
+            bootstrap_servers=f"127.0.0.1:{proxy_port}", security_protocol="SSL", ssl_cafile=str(ca)
         )
-        proc = subprocess.Popen(
-            [stunnel, str(d / "stunnel.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", proxy)) == 0:
-                        break
-                time.sleep(0.1)
-            settings = KafkaSettings(
-                bootstrap_servers=f"127.0.0.1:{proxy}",
-                security_protocol="SSL",
-                ssl_cafile=str(d / "ca.pem"),
-            )
-            ensure_topics(settings)
-            yield settings
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        ensure_topics(settings)
+        yield settings
+
+
+def test_the_proxy_speaks_real_tls(tls_settings: KafkaSettings, tmp_path: Path) -> None:
+    assert tls_settings.bootstrap_servers and tls_settings.ssl_cafile
+    host, port = tls_settings.bootstrap_servers.split(":")
+    trusted = ssl.create_default_context(cafile=tls_settings.ssl_cafile)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        trusted.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    other_ca, _, _ = make_ca_and_server_cert(tmp_path)
+    untrusting = ssl.create_default_context(cafile=str(other_ca))
+    with (
+        pytest.raises(ssl.SSLCertVerificationError),
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        untrusting.wrap_socket(raw, server_hostname=host),
+    ):
+        pass
 
 
 def test_produce_and_consume_over_tls(tls_settings: KafkaSettings) -> None:

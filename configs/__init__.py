@@ -1,0 +1,1 @@
+"""Service, model, label and split configuration, shipped as package data."""

@@ -1,0 +1,1 @@
+"""Bundled recordings (the demo), shipped as package data."""
