@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -92,7 +93,9 @@ def serve(settings: KafkaSettings, name: str, metrics_port: int | None = None) -
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1")
+        # Loopback unless told otherwise: in a container Prometheus scrapes from outside
+        # (docker/compose.yaml sets CITYFUSE_METRICS_ADDR=0.0.0.0).
+        start_http_server(metrics_port, addr=os.environ.get("CITYFUSE_METRICS_ADDR", "127.0.0.1"))
     with cluster(settings) as live:
         services = build(name, live, stop)
         console.print(
