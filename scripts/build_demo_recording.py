@@ -23,7 +23,7 @@ import polars as pl
 from models.datasets import audio_table, image_table, text_table
 from models.splits import three_way
 from streams import topics
-from streams.correlation import CELL_M, geo_cell
+from streams.correlation import ROUTE_M, geo_cell
 from streams.recording import Manifest, RecordedEvent
 from streams.schemas import Location
 from streams.taxonomy import label_names
@@ -47,7 +47,7 @@ PLAN = [
 def cell_centre(lat: float, lon: float) -> tuple[float, float]:
     """Centre of the correlation cell holding (lat, lon), so small jitter stays in the cell."""
     row, col = geo_cell(Location(lat=lat, lon=lon))
-    step_lat = CELL_M / 111_320.0
+    step_lat = ROUTE_M / 111_320.0
     c_lat = (row + 0.5) * step_lat
     step_lon = step_lat / math.cos(math.radians(c_lat))
     return c_lat, (col + 0.5) * step_lon

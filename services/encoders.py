@@ -17,7 +17,7 @@ from models.text import TextEncoder
 from services.base import BatchService, Output
 from streams import topics
 from streams.clients import KafkaSettings
-from streams.correlation import correlation_key
+from streams.correlation import routing_keys
 from streams.errors import RejectedInput
 from streams.schemas import (
     CameraFrame,
@@ -117,11 +117,11 @@ class EncoderService(BatchService):
             if isinstance(fields, RejectedInput):
                 outs.append(self.reject(fields, rec))
                 continue
-            key = correlation_key(event)
+            keys = routing_keys(event)
             emb = Embedding(
                 event_id=event.event_id,
                 modality=self.modality,
-                correlation_key=key,
+                correlation_key=keys[0],
                 ts=event.ts,
                 location=event.location,
                 area=event.area,
@@ -131,7 +131,8 @@ class EncoderService(BatchService):
                 source_topic=rec.topic,
                 **fields,
             )
-            outs.append(Output(topics.EMBEDDINGS, key, to_bytes(emb)))
+            # A border event goes to every tile it may belong to (streams/correlation.py).
+            outs.extend(Output(topics.EMBEDDINGS, k, to_bytes(emb)) for k in keys)
         return outs
 
 

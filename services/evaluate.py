@@ -18,6 +18,7 @@ import numpy as np
 
 from models import metrics
 from models.fusion import Evidence, FusionModel
+from services import eval_incidents
 from services.encoders import EncoderService, SpeechService, TextService, VisionService
 from services.eval_ablation import extra_scores
 from services.eval_tasks import check_task, score_task
@@ -25,7 +26,7 @@ from services.runtime import Collector, Models, Pipeline
 from streams import topics
 from streams.clients import KafkaSettings, cluster
 from streams.console import console, progress
-from streams.correlation import correlation_key
+from streams.correlation import Sighting, sighting
 from streams.errors import RejectedInput
 from streams.recording import inline_media, read_recording
 from streams.replay import replay
@@ -58,6 +59,8 @@ class Row:
     key: str | None = None  # None when the event is rejected
     evidence: Evidence | None = None
     dlq_reason: str | None = None
+    truth_incident: str | None = None  # the recording's truth.incident_id
+    sighting: Sighting | None = None  # what correlation reads (offline)
     lang: str | None = None  # the message's ``lang`` (text), for ``per_language``
 
 
@@ -105,6 +108,8 @@ def score(
             "n": len(keys),
             "accuracy": metrics.accuracy(y_true, y_pred),
             "macro_f1": metrics.macro_f1(y_true, y_pred),
+            # Per truth incident (truth.incident_id): split, merged, accuracy.
+            **eval_incidents.incident_metrics(rows, incident_pred),
         },
         "per_class": metrics.per_class(y_true, y_pred, names),
         "dlq": {"count": sum(dlq.values()), "by_reason": dict(dlq)},
@@ -138,7 +143,10 @@ def offline_rows(folder: Path, models: Models) -> list[Row]:
             raw = json.dumps(inline_media(ev.message, folder)).encode()
             event = from_bytes(svc.schema, raw)
             pending[ev.topic].append((row, svc.decode(event)))
-            row.key = correlation_key(event)
+            row.sighting = sighting(
+                event.event_id, event.ts, event.location, event.area, event.incident_id
+            )
+            row.truth_incident = (ev.truth or {}).get("incident_id")
         except RejectedInput as e:
             row.dlq_reason = e.reason
     total = sum(len(v) for v in pending.values())
@@ -151,6 +159,12 @@ def offline_rows(folder: Path, models: Models) -> list[Row]:
                 for (row, _), fields in zip(chunk, svc.embed([c[1] for c in chunk]), strict=True):
                     row.evidence = _evidence(svc.modality, fields)
                 bar.advance(task, len(chunk))
+    # Incidents: the fusion service's correlator, over the events in recording order.
+    alert_of = eval_incidents.correlate_offline(
+        r.sighting for r in rows if r.sighting is not None and r.evidence is not None
+    )
+    for r in rows:
+        r.key = alert_of.get(r.event_id)
     return rows
 
 
@@ -263,7 +277,8 @@ def run_via_kafka(
         row = Row(eid, ev.topic, (ev.truth or {}).get("label"), lang=ev.message.get("lang"))
         found = embeddings.get(eid)
         if found is not None:
-            row.key = found.correlation_key
+            row.truth_incident = (ev.truth or {}).get("incident_id")
+            row.key = f"none:{eid}"  # the alert holding it, set by kafka_metrics
             row.evidence = Evidence(found.modality, found.array(), found.text_array())
         row.dlq_reason = dlq_ids.get(eid)
         rows.append(row)
@@ -273,13 +288,15 @@ def run_via_kafka(
 
 def kafka_metrics(run: KafkaRun, fusion: FusionModel) -> dict[str, Any]:
     """Metrics JSON for a Kafka run: incidents scored by the alerts that came back."""
-    key_pred: dict[str, str] = {}
-    for a in run.latest.values():
-        key_pred[a.correlation_key] = a.label
+    holder = eval_incidents.alerts_by_event(run.alerts)
+    for r in run.rows:
+        if r.key is not None:
+            r.key = holder.get(r.event_id, r.key)  # no alert: scored as "missing"
+    key_pred = {a.alert_id: a.label for a in run.latest.values()}
     out = score(run.rows, fusion, incident_pred=key_pred)
     out["latency_ms"] = percentiles(alert_latencies_ms(run.alerts))
     keys = {r.key for r in run.rows if r.key}
-    per_key = Counter(a.correlation_key for a in run.alerts)
+    per_key = Counter(a.alert_id for a in run.alerts)
     out["alerts_per_incident"] = float(np.mean([per_key.get(k, 0) for k in keys])) if keys else 0.0
     out["timed_out"] = run.timed_out
     return out

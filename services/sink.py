@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +18,7 @@ from streams.console import console
 from streams.errors import RejectedInput
 from streams.schemas import Alert
 from streams.serde import from_bytes
+from streams.settings import defaults
 from streams.taxonomy import labels
 
 
@@ -67,8 +69,10 @@ class AlertSink(BatchService):
         **kw: Any,
     ) -> None:
         super().__init__(settings, stop, **kw)
-        self.latest: dict[str, Alert] = {}
-        self.history: list[Alert] = []
+        # Bounded like the dashboard's view: the newest alerts only.
+        self.keep = defaults().dashboard.max_alerts
+        self.latest: OrderedDict[str, Alert] = OrderedDict()
+        self.history: deque[Alert] = deque(maxlen=self.keep)
         self.on_alert = on_alert or self.print_alert
         self.lock = threading.Lock()
 
@@ -90,5 +94,11 @@ class AlertSink(BatchService):
                 prev = self.latest.get(a.alert_id)
                 if prev is None or a.version >= prev.version:
                     self.latest[a.alert_id] = a
+                    self.latest.move_to_end(a.alert_id)
+                # Merged incidents: the superseded alerts are no longer shown.
+                for gone in a.supersedes or []:
+                    self.latest.pop(gone, None)
+                while len(self.latest) > self.keep:
+                    self.latest.popitem(last=False)
             self.on_alert(a)
         return outs

@@ -198,7 +198,11 @@ class Alert(Message):
     probs: dict[str, float]
     modalities: list[Modality]
     contributions: dict[str, float]
+    # The newest evidence ids (at most limits.evidence_ids of them) and how many there were.
     evidence: list[str]
+    evidence_count: int | None = None
+    # Alerts this one replaces: incidents found to be one were merged into this alert.
+    supersedes: list[str] | None = None
     location: Location | None = None
     area: str | None = None
     transcript: str | None = None

@@ -11,10 +11,16 @@ from streams.taxonomy import CONFIG_DIR
 
 
 class Correlation(BaseModel):
-    """How events are grouped into incidents when they carry no ``incident_id``."""
+    """How events are grouped into incidents (docs/correlation.md)."""
 
-    cell_m: float
-    window_s: int
+    # Join: within radius_m of an open incident's located events and window_s (event time)
+    # of its span.
+    radius_m: float
+    window_s: float
+    # Routing: the city.embeddings key is a route_m tile; events within border_m of an edge
+    # are also sent to the neighbouring tile.
+    route_m: float
+    border_m: float
 
 
 class Batch(BaseModel):
@@ -29,7 +35,10 @@ class Fusion(BaseModel):
 
     threshold: float
     pending_s: float
+    # State is dropped ttl_s after an incident's last evidence reached city.embeddings.
     ttl_s: float
+    # Encoder name prefix accepted per modality (checked at the door with the vector size).
+    encoders: dict[str, str]
 
 
 class Limits(BaseModel):

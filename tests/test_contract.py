@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.correlation import alert_id, correlation_key
+from streams.correlation import alert_id
 from streams.errors import RejectedInput
 from streams.schemas import TextReport, decode_vector, encode_vector
 from streams.serde import from_bytes, to_bytes
@@ -75,33 +75,6 @@ def test_unknown_fields_are_ignored_and_oversize_refused() -> None:
     with pytest.raises(RejectedInput) as e:
         from_bytes(TextReport, report(), max_bytes=10)
     assert e.value.reason == "payload_too_large"
-
-
-def _key(**kw: object) -> str:
-    return correlation_key(from_bytes(TextReport, report(**kw)))
-
-
-def test_correlation_prefers_incident_id_then_place_and_window() -> None:
-    assert _key(incident_id="A", location={"lat": 1, "lon": 1}) == "inc:A"
-    here = {"lat": 45.4642, "lon": 9.19}
-    near = {"lat": 45.4643, "lon": 9.1901}  # ~15 m away
-    far = {"lat": 45.48, "lon": 9.19}  # ~1.7 km away
-    assert _key(location=here) == _key(location=near, event_id="e2")
-    assert _key(location=here) != _key(location=far)
-    later = "2026-11-29T08:30:00Z"
-    assert _key(location=here) != _key(location=here, ts=later)
-    assert _key().startswith("evt:")
-
-
-@given(st.floats(-80, 80), st.floats(-179, 179))
-def test_geo_cells_are_about_500_m(lat: float, lon: float) -> None:
-    from streams.correlation import geo_cell
-    from streams.schemas import Location
-
-    a = geo_cell(Location(lat=lat, lon=lon))
-    # 2 km north is always another cell; the same point is always the same cell.
-    assert geo_cell(Location(lat=min(lat + 0.018, 90), lon=lon)) != a
-    assert geo_cell(Location(lat=lat, lon=lon)) == a
 
 
 def test_alert_id_is_deterministic() -> None:
