@@ -293,8 +293,14 @@ def blank_view_of(encoder: object) -> tuple[int, int] | None:
     return None
 
 
-def load_pools(with_audio: bool = True) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
-    """Embed (or load cached embeddings of) the development data; pools per three-way split."""
+def load_pools(
+    with_audio: bool = True, text_cap: int | None = None
+) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
+    """Embed (or load cached embeddings of) the development data; pools per three-way split.
+
+    ``text_cap`` keeps at most that many train/val reports per (event, label), a fixed
+    random sample, to bound embedding time on a loaded machine; test keeps every report.
+    """
     from models.datasets import audio_table, image_table, text_table
     from models.embed_cache import audio_embeddings, image_embeddings, text_embeddings
     from models.text import TextEncoder
@@ -307,13 +313,16 @@ def load_pools(with_audio: bool = True) -> tuple[dict[str, dict[str, Pool]], dic
 
     text_enc = TextEncoder()
     tdf, idf = text_table(), image_table()
+    tdf = tdf.with_columns(three_way(tdf, "text"))  # on the full table: groups by their size
+    if text_cap:
+        tdf = cap_rows(tdf, text_cap)
     pools = {
         "text": Pool(
             {"text": text_embeddings(tdf, text_enc)["text"]}, labels(tdf), tdf["lang"].to_numpy()
         ),
         "image": Pool({"image": image_embeddings(idf, VisionEncoder())["image"]}, labels(idf)),
     }
-    split = {"text": three_way(tdf, "text").to_numpy(), "image": three_way(idf, "image").to_numpy()}
+    split = {"text": tdf["split"].to_numpy(), "image": three_way(idf, "image").to_numpy()}
     info: dict[str, Any] = {
         "text_encoder": getattr(text_enc, "version", type(text_enc).__name__),
         "blank_view": blank_view_of(text_enc),
@@ -362,12 +371,24 @@ def choose(
     return best[1], tried
 
 
+def cap_rows(df: pl.DataFrame, cap: int) -> pl.DataFrame:
+    """At most ``cap`` train/val rows per (group, label) (seeded sample); test rows all kept.
+
+    ``df`` carries the ``split`` column computed on the full table.
+    """
+    held = df.filter(pl.col("split") == "test")
+    rest = df.filter(pl.col("split") != "test").sample(fraction=1.0, shuffle=True, seed=0)
+    rest = rest.group_by("group", "label", maintain_order=True).head(cap)
+    return pl.concat([rest, held]).sort("key")
+
+
 def run_training(
     out_dir: Path = ARTIFACT_DIR,
     cfg: TrainConfig | None = None,
     search: bool = True,
     refit: bool = True,
     fewshot: bool = True,
+    text_cap: int | None = None,
 ) -> dict[str, Any]:
     """Embed, split three ways, choose on val, refit on train+val, score test once, write.
 
@@ -379,7 +400,8 @@ def run_training(
 
     started = time.perf_counter()
     base = cfg or TrainConfig()
-    pools, info = load_pools()
+    pools, info = load_pools(text_cap=text_cap)
+    info["text_cap"] = text_cap
     base = replace(base, blank_view=info["blank_view"])
     prompts = label_prompts()
     grid: list[dict[str, Any]] = []
@@ -422,7 +444,12 @@ def run_training(
 
 
 def run_all(
-    out: Path | None, steps: int = 1500, tasks: bool = True, head: bool = True, search: bool = True
+    out: Path | None,
+    steps: int = 1500,
+    tasks: bool = True,
+    head: bool = True,
+    search: bool = True,
+    text_cap: int | None = None,
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD task heads, then the tables."""
     from models import crisismmd
@@ -430,12 +457,12 @@ def run_all(
 
     out_dir = out or ARTIFACT_DIR
     if head:
-        meta = run_training(out_dir, TrainConfig(steps=steps), search=search)
+        meta = run_training(out_dir, TrainConfig(steps=steps), search=search, text_cap=text_cap)
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:
         encoder = TextEncoder()
         for task in crisismmd.TASKS:
-            meta = crisismmd.train_task(task, encoder, out_dir)
+            meta = crisismmd.train_task(task, encoder, out_dir, text_cap)
             dev = meta["dev"]
             console.print(
                 f"{meta['task']}: dev accuracy {dev['accuracy']['value']:.3f}, "

@@ -242,12 +242,20 @@ def broker(port: int | None) -> None:
     show_default=True,
     help="Try the hyper-parameter grid on val (else the defaults).",
 )
-def train(steps: int, out: Path | None, tasks: bool, head: bool, search: bool) -> None:
+@click.option(
+    "--text-cap",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most N train/val texts per (event, label), to bound embedding time (test: all).",
+)
+def train(
+    steps: int, out: Path | None, tasks: bool, head: bool, search: bool, text_cap: int | None
+) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table."""
     from models.train import run_all
 
-    run_all(out, steps, tasks, head, search)
+    run_all(out, steps, tasks, head, search, text_cap)
 
 
 @cli.command()
