@@ -261,7 +261,9 @@ class BatchService(ABC):
         finally:
             self.ready.set()
             try:
-                self.producer.flush(timeout=10)
-                self.producer.close(timeout=10)
+                self.producer.close(timeout=10)  # flushes what is pending first
+            except Exception:
+                # Never hide the error that ended the loop behind a failing close.
+                log.exception("%s: closing the producer failed", self.name)
             finally:
                 self.consumer.close()
