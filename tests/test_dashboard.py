@@ -46,6 +46,15 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def _demo_media(topic: str) -> Path:
+    """A real frame or call of the demo recording (one its ground truth labels)."""
+    from streams.recording import read_recording
+
+    _, events = read_recording(MEDIA.parent)
+    ev = next(e for e in events if e.topic == topic and e.truth and "media" in e.message)
+    return MEDIA.parent / ev.message["media"]["path"]
+
+
 def _alert(version: int, evidence: list[str], label: str = "traffic_accident") -> Alert:
     probs = {"traffic_accident": 0.7, "fire": 0.1, "no_incident": 0.2}
     return Alert(
@@ -81,7 +90,7 @@ def _produce_evidence(settings: KafkaSettings) -> None:
             "source": "cctv",
             "media": {
                 "content_type": "image/jpeg",
-                "data_b64": _b64(MEDIA / "inc00_ckay16_test16_f025.jpg"),
+                "data_b64": _b64(_demo_media(topics.FRAMES)),
             },
         },
         key="cam-1",
@@ -97,7 +106,7 @@ def _produce_evidence(settings: KafkaSettings) -> None:
             "source": "hotline",
             "media": {
                 "content_type": "audio/ogg",
-                "data_b64": _b64(MEDIA / "inc00_traffic_accident_09_espeak-en-gb-x-rp-f1.ogg"),
+                "data_b64": _b64(_demo_media(topics.CALLS)),
             },
         },
         key="call-1",
@@ -263,3 +272,45 @@ def test_confirm_and_relabel_produce_feedback_records(settings: KafkaSettings, p
         f"document.querySelector('#alerts tr[data-alert-id=\"{ALERT_ID}\"] td.verdict')"
         ".textContent.includes('fire')"
     )
+
+
+def test_health_shows_group_lag_and_dead_letters(
+    settings: KafkaSettings, dashboard: RunningDashboard
+) -> None:
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from streams.clients import make_consumer
+    from streams.schemas import DeadLetter
+
+    reason = f"test_reason_{RUN}"
+    dl = DeadLetter(
+        stage="validate", reason=reason, topic=topics.TEXT, payload_b64="", ts=utc_now()
+    )
+    send(settings, topics.DLQ, to_bytes(dl))
+    # A group that committed offset 0 on every alerts partition: its lag is the whole topic.
+    group = f"dash-lag-{RUN}"
+    c = make_consumer(settings, group)
+    tps = [TopicPartition(topics.ALERTS, p) for p in sorted(c.partitions_for_topic(topics.ALERTS))]
+    c.assign(tps)
+    c.commit({tp: OffsetAndMetadata(0, "", -1) for tp in tps})
+    c.close()
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = _request(f"{dashboard.url}/api/health", headers={"X-Token": TOKEN})
+        health = json.loads(body)
+        hw = sum(
+            n
+            for (t, _), n in dict(dashboard.dashboard.state.highwater).items()
+            if t == topics.ALERTS
+        )
+        lag = health["groups"].get(group, {}).get("lag")
+        if (
+            lag == hw and hw > 0 and reason in health["dlq"]["by_reason"]
+        ) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status == 200
+    assert health["groups"][group]["by_topic"] == {topics.ALERTS: hw}
+    assert health["dlq"]["by_reason"][reason] == 1
+    assert health["records"][topics.ALERTS] >= 2
