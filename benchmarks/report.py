@@ -1,0 +1,161 @@
+"""The bench summary: rich tables on the console, and the load plot (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from streams.console import console
+
+# The issue's goals, checked against one run's numbers.
+GOALS: dict[str, tuple[str, float, str]] = {
+    "text_ratio": ("text served / naive", 5.0, ">="),
+    "image_ratio": ("image served / naive", 2.0, ">="),
+    "audio_realtime": ("Whisper x real time", 20.0, ">="),
+    "p99_half_capacity_ms": ("end-to-end p99 at half capacity (ms)", 1000.0, "<"),
+    "scale_out_ratio": ("2 instances / 1 instance", 1.7, ">="),
+}
+
+
+def goal_values(r: dict[str, Any]) -> dict[str, float | None]:
+    """The measured value behind each goal (None when that part did not run)."""
+    so = r.get("scale_out") or {}
+    ratios = [v["ratio"] for v in so.get("services", {}).values() if v.get("ratio")]
+    e2e = r.get("end_to_end") or {}
+    return {
+        "text_ratio": r["text"]["ratio"],
+        "image_ratio": r["image"]["ratio"],
+        "audio_realtime": r["audio"]["realtime_factor"],
+        "p99_half_capacity_ms": e2e.get("p99_ms"),
+        "scale_out_ratio": min(ratios) if ratios else None,
+    }
+
+
+def goals(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per goal: target, measured value and whether it is met."""
+    out = {}
+    for key, value in goal_values(r).items():
+        what, target, op = GOALS[key]
+        met = None if value is None else (value >= target if op == ">=" else value < target)
+        out[key] = {"what": what, "target": f"{op} {target:g}", "value": value, "met": met}
+    return out
+
+
+def _f(v: Any, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    """Readable tables of a bench JSON."""
+    t = Table(title=f"encoders, naive vs served ({r['machine']['summary']})")
+    for c in (
+        "encoder",
+        "events",
+        "naive / s",
+        "served / s",
+        "ratio",
+        "FLOP/s (G)",
+        "% fp32 peak",
+        "% int8 peak",
+    ):
+        t.add_column(c, justify="right")
+    for name in ("text", "image", "audio"):
+        v, g = r[name], r["gemm"]["encoders"].get(name, {})
+        t.add_row(
+            name,
+            str(v["n"]),
+            _f(v["naive_events_per_s"]),
+            _f(v["served_events_per_s"]),
+            _f(v["ratio"], ".2f") + "x",
+            _f(g.get("achieved_flops", 0) / 1e9),
+            _f(100 * g.get("share_of_fp32_peak", 0)),
+            _f(100 * g.get("share_of_int8_peak", 0)),
+        )
+    console.print(t)
+    gm = r["gemm"]
+    console.print(
+        f"GEMM peak ({gm['threads']} threads): fp32 {gm['fp32_peak_flops'] / 1e9:.1f} GFLOP/s, "
+        f"int8 {gm['int8_peak_ops'] / 1e9:.1f} GOP/s; Whisper "
+        f"{r['audio']['realtime_factor']:.1f}x real time on {r['audio']['n']} calls of "
+        f"{r['audio']['mean_call_seconds']:.1f} s"
+    )
+    q = Table(title="quality guard: served vs fp32 reference (macro-F1 x100, each event alone)")
+    for c in ("modality", "n", "reference", "served", "lost", "agreement", "ok"):
+        q.add_column(c, justify="right")
+    for m, v in r["quality"]["macro_f1"].items():
+        q.add_row(
+            m, str(v["n"]), _f(v["reference_macro_f1"]), _f(v["served_macro_f1"]),
+            _f(v["lost_points"], ".2f"), _f(v["label_agreement"], ".3f"), "yes" if v["ok"] else "[red]NO",
+        )  # fmt: skip
+    console.print(q)
+    w = Table(title="Whisper word error rate per voice")
+    for c in ("voice", "clips", "reference WER", "served WER"):
+        w.add_column(c, justify="right")
+    for voice, v in r["quality"]["wer_per_voice"].items():
+        w.add_row(voice, str(v["n"]), _f(v["reference_wer"], ".3f"), _f(v["served_wer"], ".3f"))
+    console.print(w)
+    e = r.get("end_to_end")
+    if e:
+        s = Table(
+            title=f"end to end, mixed stream (capacity {e['capacity_events_per_s']:.1f} events/s)"
+        )
+        for c in ("offered / s", "sent", "done", "throughput / s", "p50 ms", "p95 ms", "p99 ms"):
+            s.add_column(c, justify="right")
+        for row in e["sweep"]:
+            s.add_row(
+                _f(row["offered_events_per_s"]), str(row["sent"]), str(row["done"]),
+                _f(row["throughput_events_per_s"]), _f(row["p50_ms"], ".0f"),
+                _f(row["p95_ms"], ".0f"), _f(row["p99_ms"], ".0f"),
+            )  # fmt: skip
+        console.print(s)
+    so = r.get("scale_out")
+    if so and so.get("services"):
+        x = Table(
+            title=f"scale-out: one consumer group, {so['partitions']} partitions, 1 torch thread each"
+        )
+        for c in ("service", "events", "1 instance / s", "2 instances / s", "ratio"):
+            x.add_column(c, justify="right")
+        for name, v in so["services"].items():
+            x.add_row(
+                name,
+                str(v["events"]),
+                _f(v["rate_1"]),
+                _f(v["rate_2"]),
+                _f(v["ratio"], ".2f") + "x",
+            )
+        console.print(x)
+    g = Table(title="goals (this run)")
+    for c in ("goal", "target", "measured", "met"):
+        g.add_column(c)
+    for v in r["goals"].values():
+        met = {True: "[green]yes", False: "[red]no", None: "-"}[v["met"]]
+        g.add_row(v["what"], v["target"], _f(v["value"], ".2f"), met)
+    console.print(g)
+
+
+def plot_load(sweep: list[dict[str, Any]], capacity: float, path: Path) -> None:
+    """Throughput and latency against offered load (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offered = [row["offered_events_per_s"] for row in sweep]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(offered, [row["throughput_events_per_s"] for row in sweep], "o-", label="achieved")
+    a.plot(offered, offered, "k:", label="offered")
+    a.axhline(capacity, color="grey", ls="--", label="burst capacity")
+    a.set(xlabel="offered load (events/s)", ylabel="throughput (events/s)", title="throughput")
+    a.legend()
+    for q in ("p50_ms", "p95_ms", "p99_ms"):
+        b.plot(offered, [row[q] for row in sweep], "o-", label=q[:3])
+    b.axhline(1000, color="red", ls=":", label="1 s")
+    b.set(xlabel="offered load (events/s)", ylabel="latency (ms)", title="send → alert latency")
+    b.set_yscale("log")
+    b.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
