@@ -77,14 +77,16 @@ def image_embeddings(df: pl.DataFrame, encoder: VisionEncoder) -> dict[str, np.n
     paths = df["path"].to_list()
 
     def run(batch: list[str]) -> dict[str, np.ndarray]:
-        return {"image": encoder.encode([decode_image(Path(p).read_bytes()) for p in batch])}
+        return encoder.embed_batch([decode_image(Path(p).read_bytes()) for p in batch])
 
-    return cached(
+    data = cached(
         "image",
         encoder.version,
         df["key"].to_list(),
         lambda: _batched(paths, run, 32, "embed frames"),
     )
+    # With the per-camera reference, frames are replayed per camera in frame order.
+    return {"image": encoder.table_features(df, data)}
 
 
 def audio_embeddings(

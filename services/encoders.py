@@ -158,7 +158,14 @@ class VisionService(EncoderService):
     limits = ImageLimits()
 
     def decode(self, event: CameraFrame) -> Any:
-        return decode_image(media_bytes(event.media, self.limits.max_bytes), self.limits)
+        # The camera id travels with the frame: the encoder judges each frame against its
+        # camera's usual view (models/camera_reference.py).
+        image = decode_image(media_bytes(event.media, self.limits.max_bytes), self.limits)
+        return image, event.camera_id
+
+    def embed(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        vecs = self.encoder.encode([i[0] for i in inputs], camera_ids=[i[1] for i in inputs])
+        return [{"vector": encode_vector(v), "dim": v.shape[0]} for v in vecs]
 
 
 class SpeechService(EncoderService):

