@@ -122,7 +122,7 @@ def _send(producer: Any, topic: str, msg: dict[str, Any]) -> None:
     )
 
 
-def capacity(live: KafkaSettings, pool: Pool, watch: Watch, passes: int = 2) -> float:
+def capacity(live: KafkaSettings, pool: Pool, watch: Watch, passes: int = 1) -> float:
     """Inputs per second the pipeline absorbs in a burst of ``passes`` pool passes (until 98%
     are out as embeddings or dead letters). Embedding records are counted, and a border event
     has several: the count is divided by the pool's copies per input."""

@@ -38,6 +38,8 @@ from streams.schemas import Alert
 
 # Content of an alert version, without the fields that say *when* it was sent.
 _VOLATILE = ("emitted_ts",)
+# Settling gives up when neither inputs nor alerts moved for this long.
+STALL_S = 240.0
 
 
 class Proc:
@@ -168,7 +170,7 @@ def run_chaos(
     events: int = 2000,
     seed: int = 5,
     duration_s: float | None = None,
-    settle_s: float = 600.0,
+    settle_s: float = 3600.0,
     workdir: Path | None = None,
 ) -> ChaosReport:
     """Run the scenario and account for every input (see the module docstring)."""
@@ -296,12 +298,14 @@ def _settle(
     alert, then for the alerts to stay quiet a few seconds (pending timers, last versions)."""
     deadline = time.monotonic() + timeout
     with console.status("waiting for every input to be accounted for") as status:
-        last_alerts, quiet_since = -1, time.monotonic()
+        last, quiet_since = (-1, -1), time.monotonic()
         while time.monotonic() < deadline:
             done = _account(collector, truth, report)
-            n_alerts = len(collector.snapshot(topics.ALERTS))
-            if n_alerts != last_alerts:
-                last_alerts, quiet_since = n_alerts, time.monotonic()
+            seen = (len(collector.snapshot(topics.ALERTS)), report.embeddings + report.dead_letters)
+            if seen != last:
+                last, quiet_since = seen, time.monotonic()
+            elif time.monotonic() - quiet_since > STALL_S:
+                return False  # nothing moves any more: report what is missing
             status.update(
                 f"accounted {report.embeddings + report.dead_letters}/{report.inputs} inputs, "
                 f"{report.alerts} alerts; waiting"
