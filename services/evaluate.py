@@ -312,6 +312,7 @@ def evaluate(
     start_pipeline: bool | None = None,
     models: Models | None = None,
     task: str | None = None,
+    html: Path | None = None,
 ) -> dict[str, Any]:
     """Score a recording and write ``out`` (JSON) and a confusion-matrix PNG beside it.
 
@@ -322,6 +323,7 @@ def evaluate(
     if task:
         check_task(task)  # and on a missing task head
     settings = settings or KafkaSettings()
+    latencies: list[float] = []
     if via_kafka:
         if start_pipeline is None:
             start_pipeline = settings.bootstrap_servers is None
@@ -332,6 +334,7 @@ def evaluate(
             run = run_via_kafka(folder, live, models if start_pipeline else None, speed, timeout_s)
             result = kafka_metrics(run, fusion)
             rows = run.rows
+            latencies = alert_latencies_ms(run.alerts)
     else:
         models = models or Models.load()
         rows = offline_rows(folder, models)
@@ -348,6 +351,10 @@ def evaluate(
     result["confusion_png"] = str(png)
     out.write_text(json.dumps(result, indent=2))
     print_report(result, folder.name)
+    if html is not None:
+        from services.report_html import write_report
+
+        write_report(html, result, rows, y_true, y_pred, folder, latencies)
     return result
 
 
