@@ -178,6 +178,12 @@ def replay(settings: KafkaSettings, folder: Path, speed: float) -> None:
     default=None,
     help="Also score a CrisisMMD text task (events with truth.crisismmd_<task>).",
 )
+@click.option(
+    "--html",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write a self-contained HTML report (confusion, scores, latency, misses).",
+)
 @kafka_options
 def evaluate(
     settings: KafkaSettings,
@@ -188,12 +194,15 @@ def evaluate(
     timeout: float,
     start_pipeline: bool | None,
     task: str | None,
+    html: Path | None,
 ) -> None:
     """Score a recording against its ground truth; writes JSON and a confusion-matrix PNG."""
     from services.evaluate import evaluate as do_evaluate
 
-    do_evaluate(folder, out, via_kafka, settings, speed, timeout, start_pipeline, task=task)
-    console.print(f"wrote {out}")
+    do_evaluate(
+        folder, out, via_kafka, settings, speed, timeout, start_pipeline, task=task, html=html
+    )
+    console.print(f"wrote {out}" + (f" and {html}" if html else ""))
 
 
 SERVICES = ("text", "vision", "speech", "fusion", "sink", "all")
