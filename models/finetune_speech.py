@@ -545,14 +545,15 @@ def speech_card(data: dict[str, Any]) -> str:
             "",
             "Serving variants (5-s calls, batch 8, 2 threads, on the shared machine; val WER):",
             "",
-            "| variant | x real time | s per 5-s call | val WER by voice | load avg |",
-            "|---|---|---|---|---|",
+            "| variant | x real time (wall) | s per 5-s call | audio s per CPU s | val WER by voice"
+            " | load avg |",
+            "|---|---|---|---|---|---|",
         ]
         for name, r in serving.items():
             wer = ", ".join(f"{k} {v:.3f}" for k, v in r["val_wer"].items())
             lines.append(
-                f"| {name} | {r['realtime_factor']:.1f} | {r['s_per_5s_call']:.3f} | {wer} |"
-                f" {r['loadavg_1min']} |"
+                f"| {name} | {r['realtime_factor']:.1f} | {r['s_per_5s_call']:.3f} |"
+                f" {r.get('audio_s_per_cpu_s', '-')} | {wer} | {r['loadavg_1min']} |"
             )
     lines += ["", "Artifact sha256:", ""]
     for f in sorted(ARTIFACT_DIR.glob("speech_*.safetensors")):
