@@ -181,7 +181,8 @@ def embed(frames: list[pl.DataFrame], encoder: Any) -> dict[str, np.ndarray]:
 def capped(df: pl.DataFrame, cap: int) -> pl.DataFrame:
     """At most ``cap`` rows per (event, label), a seeded sample."""
     shuffled = df.sample(fraction=1.0, shuffle=True, seed=0)
-    return shuffled.group_by("event", "label", maintain_order=True).head(cap).sort("key")
+    capped = shuffled.group_by("event", "label", maintain_order=True).head(cap)
+    return capped.select(df.columns).sort("key")
 
 
 def all_splits() -> list[pl.DataFrame]:

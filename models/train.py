@@ -85,7 +85,6 @@ GRID: list[dict[str, Any]] = [
     {"hidden": 128, "dropout": 0.5},
     {"hidden": 256, "dropout": 0.5},
     {"hidden": 128, "dropout": 0.3},
-    {"hidden": 64, "dropout": 0.5},
 ]
 
 
@@ -269,12 +268,11 @@ def choose_offset(logits: torch.Tensor, y: torch.Tensor) -> float:
     return best[2]
 
 
-def label_prompts() -> np.ndarray:
+def label_prompts(encoder: Any) -> np.ndarray:
     """Text-view vectors of the label descriptions in configs/labels.json (zero-shot prior)."""
-    from models.text import TextEncoder
     from streams.taxonomy import labels
 
-    return TextEncoder().encode([lab.description for lab in labels()])
+    return np.asarray(encoder.encode([lab.description for lab in labels()]))
 
 
 def blank_view_of(encoder: object) -> tuple[int, int] | None:
@@ -294,7 +292,7 @@ def blank_view_of(encoder: object) -> tuple[int, int] | None:
 
 
 def load_pools(
-    with_audio: bool = True, text_cap: int | None = None
+    with_audio: bool = True, text_cap: int | None = None, text_enc: Any = None
 ) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
     """Embed (or load cached embeddings of) the development data; pools per three-way split.
 
@@ -311,7 +309,7 @@ def load_pools(
     def labels(df: pl.DataFrame) -> np.ndarray:
         return np.array([names.index(v) for v in df["label"]], dtype=np.int64)
 
-    text_enc = TextEncoder()
+    text_enc = text_enc or TextEncoder()
     tdf, idf = text_table(), image_table()
     tdf = tdf.with_columns(three_way(tdf, "text"))  # on the full table: groups by their size
     if text_cap:
@@ -352,10 +350,10 @@ def load_pools(
 
 def choose(
     train: dict[str, Pool], val: dict[str, Pool], base: TrainConfig, prompts: np.ndarray
-) -> tuple[TrainConfig, list[dict[str, Any]]]:
-    """Try ``GRID`` on val; the best mean of fused and text val macro-F1 wins."""
+) -> tuple[TrainConfig, FusionHead, list[dict[str, Any]]]:
+    """Try ``GRID`` on val; the best mean of fused and text val macro-F1 wins (with its head)."""
     tried: list[dict[str, Any]] = []
-    best: tuple[float, TrainConfig] | None = None
+    best: tuple[float, TrainConfig, FusionHead] | None = None
     for params in GRID:
         cfg = replace(base, **params)
         head = train_head(train, cfg, prompts)
@@ -366,9 +364,9 @@ def choose(
         tried.append({**params, "val_fused_macro_f1": fused, "val_text_macro_f1": text})
         console.print(f"val {params}: fused {fused:.3f}, text {text:.3f}")
         if best is None or objective > best[0]:
-            best = (objective, cfg)
+            best = (objective, cfg, head)
     assert best is not None
-    return best[1], tried
+    return best[1], best[2], tried
 
 
 def cap_rows(df: pl.DataFrame, cap: int) -> pl.DataFrame:
@@ -378,7 +376,7 @@ def cap_rows(df: pl.DataFrame, cap: int) -> pl.DataFrame:
     """
     held = df.filter(pl.col("split") == "test")
     rest = df.filter(pl.col("split") != "test").sample(fraction=1.0, shuffle=True, seed=0)
-    rest = rest.group_by("group", "label", maintain_order=True).head(cap)
+    rest = rest.group_by("group", "label", maintain_order=True).head(cap).select(df.columns)
     return pl.concat([rest, held]).sort("key")
 
 
@@ -389,6 +387,7 @@ def run_training(
     refit: bool = True,
     fewshot: bool = True,
     text_cap: int | None = None,
+    text_enc: Any = None,
 ) -> dict[str, Any]:
     """Embed, split three ways, choose on val, refit on train+val, score test once, write.
 
@@ -400,15 +399,19 @@ def run_training(
 
     started = time.perf_counter()
     base = cfg or TrainConfig()
-    pools, info = load_pools(text_cap=text_cap)
+    from models.text import TextEncoder
+
+    text_enc = text_enc or TextEncoder()
+    pools, info = load_pools(text_cap=text_cap, text_enc=text_enc)
     info["text_cap"] = text_cap
     base = replace(base, blank_view=info["blank_view"])
-    prompts = label_prompts()
+    prompts = label_prompts(text_enc)
     grid: list[dict[str, Any]] = []
     chosen = base
     if search:
-        chosen, grid = choose(pools["train"], pools["val"], base, prompts)
-    head = train_head(pools["train"], chosen, prompts)
+        chosen, head, grid = choose(pools["train"], pools["val"], base, prompts)
+    else:
+        head = train_head(pools["train"], chosen, prompts)
     val_report, _, _ = evaluate_head(head, pools["val"], chosen)
     fused_logits, fused_y = val_logits(head, pools["val"], chosen)["fused_incidents"]
     offset = choose_offset(fused_logits, fused_y)
@@ -456,11 +459,12 @@ def run_all(
     from models.text import TextEncoder
 
     out_dir = out or ARTIFACT_DIR
+    encoder = TextEncoder()  # loaded once for the head, the prompts and the task heads
     if head:
-        meta = run_training(out_dir, TrainConfig(steps=steps), search=search, text_cap=text_cap)
+        cfg = TrainConfig(steps=steps)
+        meta = run_training(out_dir, cfg, search=search, text_cap=text_cap, text_enc=encoder)
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:
-        encoder = TextEncoder()
         for task in crisismmd.TASKS:
             meta = crisismmd.train_task(task, encoder, out_dir, text_cap)
             dev = meta["dev"]
