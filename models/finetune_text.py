@@ -401,7 +401,7 @@ def train_steps(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(task, advance=1, description=f"{cfg.name}: train loss {loss:.3f}")
     model.eval()
     return losses
@@ -479,24 +479,22 @@ def write_table(
     return rows
 
 
-def score_test(method: str, path: Path = ARTIFACTS / "text_methods.json") -> dict[str, Any]:
+def score_test(
+    method: str, path: Path = ARTIFACTS / "text_methods.json", vectors: np.ndarray | None = None
+) -> dict[str, Any]:
     """Score the test split ONCE with the shipped ``text_<method>`` artifact and its own head.
 
-    Vectors come from the same embedding cache the fusion head trains on (the served encoder,
-    whole table), so the figure is the served model's. Stored under ``test`` in the table.
+    ``vectors``: the served encoder's vectors of ``labelled_rows("test")`` if already computed
+    (e.g. in parallel shards); else they are computed here. Stored under ``test`` in the table.
     """
-    from models.datasets import text_table
-    from models.embed_cache import text_embeddings
     from models.text import FINETUNED_E5, TextEncoder
 
     enc = TextEncoder(FINETUNED_E5, f"text_{method}.safetensors")
-    table = text_table()
-    vecs = text_embeddings(table, enc)["text"]
     rows = labelled_rows("test")
-    index = {k: i for i, k in enumerate(table["key"].to_list())}
-    x = torch.from_numpy(vecs[[index[k] for k in rows["key"].to_list()]])
+    if vectors is None:
+        vectors = enc.finetuned.encode(rows["text"].to_list())  # texts are already cleaned
     with torch.inference_mode():
-        pred = enc.finetuned.model.head(x).argmax(1).numpy()
+        pred = enc.finetuned.model.head(torch.from_numpy(vectors)).argmax(1).numpy()
     result = score(rows["y"].to_numpy(), pred, rows["lang"].to_numpy())
     result.update(method=method, rows=rows.height, version=enc.version)
     doc = json.loads(path.read_text(encoding="utf-8"))
