@@ -362,15 +362,33 @@ def dashboard(settings: KafkaSettings, host: str, port: int | None, token: str |
     help="Model folder for learned heads (default: $CITYFUSE_MODEL_DIR, else configs/services.json).",
 )
 @click.option("--steps", type=click.IntRange(1, 100_000), default=300, show_default=True)
+@click.option(
+    "--text-cap",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rehearse at most N train texts per (event, label), as `train --text-cap` (same cache).",
+)
+@click.option(
+    "--rehearse-audio/--no-rehearse-audio",
+    default=True,
+    show_default=True,
+    help="Replay the training calls too (needs their embeddings, cached on first use).",
+)
 @kafka_options
-def learn(settings: KafkaSettings, out: Path | None, steps: int) -> None:
+def learn(
+    settings: KafkaSettings,
+    out: Path | None,
+    steps: int,
+    text_cap: int | None,
+    rehearse_audio: bool,
+) -> None:
     """Learn from operator feedback (city.feedback): a new fusion head version, picked up live."""
     from models.continual import LearnConfig
     from services.learn import learn as do_learn
 
     if settings.bootstrap_servers is None:
         raise click.UsageError("learn needs --bootstrap-servers (the cluster holding the feedback)")
-    do_learn(settings, out, LearnConfig(steps=steps))
+    do_learn(settings, out, LearnConfig(steps=steps), text_cap=text_cap, audio=rehearse_audio)
 
 
 @cli.command()

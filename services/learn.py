@@ -118,11 +118,12 @@ def collect(settings: KafkaSettings) -> FeedbackSet:
     return out
 
 
-def rehearsal_pools() -> dict[str, Pool]:
-    """The training split's cached embeddings (models/train.py), replayed while learning."""
+def rehearsal_pools(text_cap: int | None = None, audio: bool = True) -> dict[str, Pool]:
+    """The training split's cached embeddings (models/train.py), replayed while learning;
+    ``text_cap`` as ``cityfuse train --text-cap`` (the same cache)."""
     from models.train import load_pools
 
-    pools, _ = load_pools()
+    pools, _ = load_pools(with_audio=audio, text_cap=text_cap)
     return pools["train"]
 
 
@@ -131,6 +132,8 @@ def learn(
     out: Path | None = None,
     cfg: LearnConfig | None = None,
     rehearsal: dict[str, Pool] | None = None,
+    text_cap: int | None = None,
+    audio: bool = True,
 ) -> dict[str, Any]:
     """Read feedback, update the head in service, write and point to the new version."""
     from rich.table import Table
@@ -144,7 +147,7 @@ def learn(
             f"({found.feedback} records; skipped {found.skipped or 'none'})"
         )
     previous: FusionModel = load_current(folder)
-    pools = rehearsal if rehearsal is not None else rehearsal_pools()
+    pools = rehearsal if rehearsal is not None else rehearsal_pools(text_cap, audio)
     head = update_head(previous.head, found.examples, pools, cfg)
     info = {
         "feedback_records": found.feedback,
