@@ -195,6 +195,7 @@ def measure(
 
 def write(result: dict[str, Any], folder: Path = ARTIFACT_DIR) -> Path:
     """``models/artifacts/fewshot.json`` (read by the method table)."""
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "fewshot.json"
     path.write_text(json.dumps(result, indent=2))
     return path
