@@ -43,6 +43,7 @@ TOPIC_MODELS: dict[str, type[Message]] = {
 M = TypeVar("M", bound=Message)
 
 DLQ_PAYLOAD_MAX = 64 * 1024
+DLQ_KEY_MAX = 1024
 DEFAULT_MAX_MESSAGE_BYTES = defaults().limits.message_bytes
 MAX_JSON_DEPTH = defaults().limits.json_depth
 
@@ -177,7 +178,8 @@ def dead_letter(
         topic=topic,
         partition=partition,
         offset=offset,
-        key=key.decode("utf-8", "replace") if key is not None else None,
+        # A hostile key can be as large as a value: the dead letter keeps its start.
+        key=key[:DLQ_KEY_MAX].decode("utf-8", "replace") if key is not None else None,
         payload_b64=base64.b64encode(raw[:DLQ_PAYLOAD_MAX]).decode("ascii"),
         ts=utc_now(),
     )

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from hypothesis import settings as fuzz_settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from models.audio import decode_audio
+from models.images import decode_image
 from services.base import BatchService
 from services.encoders import SpeechService, TextService, VisionService
 from streams import topics
@@ -46,9 +48,24 @@ from streams.settings import defaults
 from tests.kafka_helpers import event, reader
 from tests.test_models import _png_header
 
+# The corpus waits generously on a loaded machine (see the fixture); the default 600 s is short.
+pytestmark = pytest.mark.timeout(2400)
+
 DEMO_MEDIA = Path(__file__).resolve().parent.parent / "recordings" / "demo" / "media"
-GOOD_JPG = DEMO_MEDIA / "inc03_cairfire_060.jpg"
-GOOD_OGG = DEMO_MEDIA / "inc03_fire_36_mbrola-us2.ogg"
+
+
+def _first_good(pattern: str, check: Callable[[bytes], object]) -> Path:
+    """The first bundled demo file of ``pattern`` that the services' own decoder accepts
+    (the demo also ships deliberately bad media)."""
+    for path in sorted(DEMO_MEDIA.glob(pattern)):
+        with contextlib.suppress(RejectedInput):
+            check(path.read_bytes())
+            return path
+    raise AssertionError(f"no decodable {pattern} in {DEMO_MEDIA}")
+
+
+GOOD_JPG = _first_good("*.jpg", decode_image)
+GOOD_OGG = _first_good("*.ogg", decode_audio)
 # Generous: the point is "bounded", not a tight figure (measured figures go to the notes).
 RSS_GROWTH_MAX = 600 * 1024 * 1024
 RSS_SECOND_PASS_MAX = 200 * 1024 * 1024
@@ -400,10 +417,12 @@ def run(
         warm = [_good(m, root, 0) for m in src]
         for m, g in zip(src, warm, strict=True):
             send(m, _json(g))
-        deadline = time.monotonic() + 180
+        # Generous waits: a shared 2-core CI machine can be very slow; nothing here is timed.
+        deadline = time.monotonic() + 900
         while not {g["event_id"] for g in warm} <= embedded and time.monotonic() < deadline:
             drain()
-        assert {g["event_id"] for g in warm} <= embedded, "services did not process good input"
+        missing = [m for m, g in zip(src, warm, strict=True) if g["event_id"] not in embedded]
+        assert not missing, f"the {missing} services did not embed a good record"
         # The corpus twice: the first pass may still grow allocator pools and client buffers,
         # the second shows whether memory keeps growing with hostile input.
         cases: list[Case] = []
@@ -417,7 +436,7 @@ def run(
                 good = _good(case.modality, root, n)
                 case.good_id = good["event_id"]
                 send(case.modality, _json(good))
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 900
             while time.monotonic() < deadline:
                 drain()
                 if all(c.where in dead and c.good_id in embedded for c in batch):
@@ -481,7 +500,7 @@ _json_values = st.recursive(
     lambda inner: (
         st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
     ),
-    max_leaves=30,
+    max_leaves=20,
 )
 _field_names = st.sampled_from(
     [
@@ -507,7 +526,7 @@ _field_names = st.sampled_from(
 _events = st.dictionaries(_field_names, _json_values, max_size=10)
 
 
-@fuzz_settings(max_examples=150)
+@fuzz_settings(max_examples=100)
 @given(value=st.one_of(_events, _json_values), schema=st.sampled_from(["text", "frame", "call"]))
 def test_fuzzed_json_is_accepted_or_rejected_never_raises(value: Any, schema: str) -> None:
     models: dict[str, type[InputEvent]] = {
