@@ -150,22 +150,31 @@ class FusionModel:
         logits = self.head(x, mask) / self.head.temperature
         return torch.softmax(logits, -1)[0].numpy()
 
-    def predict(self, evidence: list[Evidence]) -> Prediction:
-        """Label an incident from its evidence (any non-empty subset of modalities)."""
+    def predict(self, evidence: list[Evidence], explain: bool = True) -> Prediction:
+        """Label an incident from its evidence (any non-empty subset of modalities).
+
+        ``explain=False`` leaves ``contributions`` empty and skips their leave-one-out
+        passes (one per modality): fusion asks for them only when it emits an alert."""
         if not evidence:
             raise ValueError("no evidence")
         probs = self._probs(evidence)
         top = int(probs.argmax())
-        modalities: list[Modality] = sorted({ev.modality for ev in evidence})
-        contributions: dict[str, float] = {}
-        for m in modalities:
-            rest = [ev for ev in evidence if ev.modality != m]
-            # Leave-one-out: how much this modality moved the winning label's probability.
-            contributions[m] = float(probs[top] - (self._probs(rest)[top] if rest else 0.0))
-        return Prediction(
+        pred = Prediction(
             label=self.labels[top],
             confidence=float(probs[top]),
             probs={name: float(p) for name, p in zip(self.labels, probs, strict=True)},
-            contributions=contributions,
-            modalities=modalities,
+            contributions={},
+            modalities=sorted({ev.modality for ev in evidence}),
         )
+        return self.explain(evidence, pred) if explain else pred
+
+    def explain(self, evidence: list[Evidence], pred: Prediction) -> Prediction:
+        """``pred`` with its per-modality contributions filled in."""
+        top = self.labels.index(pred.label)
+        for m in pred.modalities:
+            rest = [ev for ev in evidence if ev.modality != m]
+            # Leave-one-out: how much this modality moved the winning label's probability.
+            pred.contributions[m] = float(
+                pred.confidence - (self._probs(rest)[top] if rest else 0.0)
+            )
+        return pred

@@ -260,11 +260,12 @@ class FusionService(BatchService):
         if sig == inc.emitted_sig or not self.owns(inc):
             return None
         try:
-            pred = self.model.predict(inc.evidence())
+            pred = self.model.predict(inc.evidence(), explain=False)
+            if pred.confidence < self.threshold and not force and inc.emitted_version == 0:
+                return None  # not emitted: no leave-one-out passes for contributions
+            pred = self.model.explain(inc.evidence(), pred)
         except Exception as e:
             raise RejectedInput("fuse", "fusion_error", f"{type(e).__name__}: {e}") from e
-        if pred.confidence < self.threshold and not force and inc.emitted_version == 0:
-            return None
         if inc.alert_id is None:
             inc.alert_id = incident_alert_id(inc.anchor.event_id)
         inc.emitted_version += 1
