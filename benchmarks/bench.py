@@ -44,13 +44,14 @@ class Sizes:
     gemm_seconds: float
     scale_out: tuple[str, ...]  # services measured at 1 and 2 instances
     scale_out_seconds: float  # of work per round for one instance
+    broker_messages: int = 300
 
 
 FULL = Sizes(
-    384, 128, 32, 200, (0.25, 0.5, 0.75, 1.0, 1.25), 20.0, 0.5, ("text", "vision", "speech"), 30.0
+    256, 96, 24, 150, (0.25, 0.5, 0.75, 1.0, 1.25), 12.0, 0.5, ("text", "vision", "speech"), 20.0
 )
-QUICK = Sizes(96, 32, 8, 60, (0.25, 0.5, 1.0), 8.0, 0.2, ("vision",), 12.0)
-TINY = Sizes(6, 4, 2, 10, (0.5,), 3.0, 0.02, (), 0.0)
+QUICK = Sizes(96, 32, 8, 60, (0.25, 0.5, 1.0), 8.0, 0.2, ("vision",), 12.0, 200)
+TINY = Sizes(6, 4, 2, 10, (0.5,), 3.0, 0.02, (), 0.0, 20)
 HALF = 0.5
 
 
@@ -188,6 +189,13 @@ def run_bench(
         "ok": all(v["ok"] for v in f1.values()),
         "wer_per_voice": wer_per_voice(calls, *runs["audio"]),
     }
+    from benchmarks.stages import broker_rate, fusion_rate
+
+    with console.status("fusion and broker stages"):
+        result["fusion"] = fusion_rate(
+            models.fusion, [v for _, r in runs.values() for v in r.embeddings]
+        )
+        result["broker"] = broker_rate(pools[topics.FRAMES], sizes.broker_messages)
     result["end_to_end"] = _end_to_end(models, pools, sizes, out)
     result["scale_out"] = None
     if scale_out and sizes.scale_out:

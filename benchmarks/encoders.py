@@ -49,6 +49,7 @@ class Run:
     n: int
     seconds: float
     outputs: list[Output | None] = field(default_factory=list)  # None: rejected
+    embeddings: list[bytes] = field(default_factory=list)  # served: the city.embeddings values
 
     @property
     def rate(self) -> float:
@@ -137,8 +138,10 @@ def served(svc: EncoderService, samples: list[Sample], advance: Advance) -> Run:
         advance(len(chunk))
     seconds = time.perf_counter() - t0
     by_id: dict[str, Output] = {}
+    values = [out.value for out in produced if out.topic == topics.EMBEDDINGS]
     for out in produced:
         if out.topic == topics.EMBEDDINGS:
             emb = from_bytes(Embedding, out.value)
             by_id[emb.event_id] = Output(emb.array(), emb.transcript, emb.text_array())
-    return Run(len(recs), seconds, [by_id.get(f"served-{i}") for i in range(len(recs))])
+    outputs = [by_id.get(f"served-{i}") for i in range(len(recs))]
+    return Run(len(recs), seconds, outputs, values)

@@ -85,7 +85,8 @@ class Instances:
             else:
                 stable_since = None
             time.sleep(0.5)
-        raise RuntimeError(f"consumer group did not settle in {timeout_s:.0f} s: {self.held()}")
+        tails = " | ".join(log.read_text(errors="replace")[-400:] for log in self.logs)
+        raise RuntimeError(f"group did not settle in {timeout_s:.0f} s: {self.held()}: {tails}")
 
     def stop(self) -> None:
         """SIGTERM (finish the batch, commit), then wait."""
