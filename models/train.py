@@ -292,7 +292,10 @@ def blank_view_of(encoder: object) -> tuple[int, int] | None:
 
 
 def load_pools(
-    with_audio: bool = True, text_cap: int | None = None, text_enc: Any = None
+    with_audio: bool = True,
+    text_cap: int | None = None,
+    text_enc: Any = None,
+    test_cap: int | None = None,
 ) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
     """Embed (or load cached embeddings of) the development data; pools per three-way split.
 
@@ -313,7 +316,7 @@ def load_pools(
     tdf, idf = text_table(), image_table()
     tdf = tdf.with_columns(three_way(tdf, "text"))  # on the full table: groups by their size
     if text_cap:
-        tdf = cap_rows(tdf, text_cap)
+        tdf = cap_rows(tdf, text_cap, test_cap)
     pools = {
         "text": Pool(
             {"text": text_embeddings(tdf, text_enc)["text"]}, labels(tdf), tdf["lang"].to_numpy()
@@ -372,14 +375,21 @@ def choose(
     return best[1], best[2], tried
 
 
-def cap_rows(df: pl.DataFrame, cap: int) -> pl.DataFrame:
-    """At most ``cap`` train/val rows per (group, label) (seeded sample); test rows all kept.
+def cap_rows(df: pl.DataFrame, cap: int, test_cap: int | None = None) -> pl.DataFrame:
+    """At most ``cap`` train/val rows per (group, label) (seeded sample); test rows all kept
+    unless ``test_cap`` (then at most that many per test (group, label), also seeded).
 
     ``df`` carries the ``split`` column computed on the full table.
     """
-    held = df.filter(pl.col("split") == "test")
-    rest = df.filter(pl.col("split") != "test").sample(fraction=1.0, shuffle=True, seed=0)
-    rest = rest.group_by("group", "label", maintain_order=True).head(cap).select(df.columns)
+
+    def sample(part: pl.DataFrame, n: int | None) -> pl.DataFrame:
+        if n is None:
+            return part
+        part = part.sample(fraction=1.0, shuffle=True, seed=0)
+        return part.group_by("group", "label", maintain_order=True).head(n).select(df.columns)
+
+    held = sample(df.filter(pl.col("split") == "test"), test_cap)
+    rest = sample(df.filter(pl.col("split") != "test"), cap)
     return pl.concat([rest, held]).sort("key")
 
 
@@ -391,6 +401,7 @@ def run_training(
     fewshot: bool = True,
     text_cap: int | None = None,
     text_enc: Any = None,
+    test_cap: int | None = None,
 ) -> dict[str, Any]:
     """Embed, split three ways, choose on val, refit on train+val, score test once, write.
 
@@ -405,8 +416,8 @@ def run_training(
     from models.text import TextEncoder
 
     text_enc = text_enc or TextEncoder()
-    pools, info = load_pools(text_cap=text_cap, text_enc=text_enc)
-    info["text_cap"] = text_cap
+    pools, info = load_pools(text_cap=text_cap, text_enc=text_enc, test_cap=test_cap)
+    info["text_cap"], info["test_cap"] = text_cap, test_cap
     base = replace(base, blank_view=info["blank_view"])
     prompts = label_prompts(text_enc)
     grid: list[dict[str, Any]] = []
@@ -456,6 +467,7 @@ def run_all(
     head: bool = True,
     search: bool = True,
     text_cap: int | None = None,
+    test_cap: int | None = None,
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD task heads, then the tables."""
     from models import crisismmd
@@ -465,7 +477,9 @@ def run_all(
     encoder = TextEncoder()  # loaded once for the head, the prompts and the task heads
     if head:
         cfg = TrainConfig(steps=steps)
-        meta = run_training(out_dir, cfg, search=search, text_cap=text_cap, text_enc=encoder)
+        meta = run_training(
+            out_dir, cfg, search=search, text_cap=text_cap, text_enc=encoder, test_cap=test_cap
+        )
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:
         for task in crisismmd.TASKS:

@@ -269,14 +269,26 @@ def broker(port: int | None) -> None:
     default=None,
     help="At most N train/val texts per (event, label), to bound embedding time (test: all).",
 )
+@click.option(
+    "--test-cap",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --text-cap: also at most N test texts per (event, label).",
+)
 def train(
-    steps: int, out: Path | None, tasks: bool, head: bool, search: bool, text_cap: int | None
+    steps: int,
+    out: Path | None,
+    tasks: bool,
+    head: bool,
+    search: bool,
+    text_cap: int | None,
+    test_cap: int | None,
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table."""
     from models.train import run_all
 
-    run_all(out, steps, tasks, head, search, text_cap)
+    run_all(out, steps, tasks, head, search, text_cap, test_cap)
 
 
 @cli.command()
