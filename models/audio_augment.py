@@ -117,11 +117,17 @@ def mulaw_8k(x: np.ndarray, mu: int = 255) -> np.ndarray:
 def encode_codec(x: np.ndarray, codec: Codec, bitrate: int = 24_000) -> bytes:
     """Encode ``x`` with ``codec`` (Opus in Ogg, or MP3) in memory; returns the file bytes."""
     fmt, encoder = _CODECS[codec]
+    return encode_pyav(x, fmt, encoder, bitrate)
+
+
+def encode_pyav(x: np.ndarray, fmt: str, encoder: str, bitrate: int | None = None) -> bytes:
+    """16 kHz mono ``x`` as a ``fmt`` file encoded by PyAV's ``encoder`` (e.g. flac, libopus)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as out:
         stream = out.add_stream(encoder, rate=SAMPLE_RATE, layout="mono")
         assert isinstance(stream, av.AudioStream)
-        stream.bit_rate = bitrate
+        if bitrate:
+            stream.bit_rate = bitrate
         pcm = (np.clip(x, -1, 1) * 32767).astype(np.int16)[None, :]
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         frame.rate = SAMPLE_RATE

@@ -18,6 +18,7 @@ import torch
 from whisper.model import ModelDimensions, Whisper
 
 from models.audio import SAMPLE_RATE, AudioLimits, decode_audio
+from models.audio_augment import encode_pyav
 from models.speech import SpeechEncoder
 from models.weights import WeightsError
 from models.whisper_convert import converted_whisper, ct2_to_whisper, source_path
@@ -57,17 +58,7 @@ def _wav(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
 
 
 def _encode_with_pyav(samples: np.ndarray, fmt: str, codec: str) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=SAMPLE_RATE, layout="mono")
-        assert isinstance(stream, av.AudioStream)
-        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)[None, :]
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        frame.rate = SAMPLE_RATE
-        # encode() converts to the codec's own sample format and frame size.
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
-    return buf.getvalue()
+    return encode_pyav(samples, fmt, codec)
 
 
 @pytest.fixture(scope="module")
