@@ -189,6 +189,7 @@ def run_bench(
         "ok": all(v["ok"] for v in f1.values()),
         "wer_per_voice": wer_per_voice(calls, *runs["audio"]),
     }
+    result["text"]["variants"] = _text_int8(models, runs["text"][0], pools[topics.TEXT])
     from benchmarks.stages import broker_rate, fusion_rate
 
     with console.status("fusion and broker stages"):
@@ -211,6 +212,26 @@ def run_bench(
     print_summary(result)
     console.print(f"bench took {result['seconds']:.0f} s")
     return result
+
+
+def _text_int8(models: Models, ref: enc.Run, samples: list[Sample]) -> dict[str, Any]:
+    """The int8 text view (``services.speedups.int8_text``) as a candidate: its served rate
+    and macro-F1 guard against the same fp32 reference, beside the served default."""
+    from models.text import TextEncoder
+    from services.speedups import TEXT_INT8, int8_text
+
+    svc = TextService(KafkaSettings(), int8_text(TextEncoder()))
+    with progress() as bar:
+        task = bar.add_task("text: served, int8 candidate", total=len(samples))
+        srv = enc.served(svc, samples, lambda k: bar.advance(task, k))
+    return {
+        "int8": {
+            "served_events_per_s": srv.rate,
+            "ratio": srv.rate / ref.rate if ref.rate else 0.0,
+            "guard": f1_guard(models.fusion, "text", samples, ref, srv),
+            "in_service": TEXT_INT8,
+        }
+    }
 
 
 def _end_to_end(

@@ -74,6 +74,13 @@ def print_summary(r: dict[str, Any]) -> None:
             _f(100 * g.get("share_of_int8_peak", 0)),
         )
     console.print(t)
+    i8 = r["text"].get("variants", {}).get("int8")
+    if i8:
+        console.print(
+            f"text int8 candidate: {i8['served_events_per_s']:.1f}/s ({i8['ratio']:.2f}x naive), "
+            f"macro-F1 lost {i8['guard']['lost_points']:.2f} points, label agreement "
+            f"{i8['guard']['label_agreement']:.3f}; in service: {i8['in_service']}"
+        )
     gm = r["gemm"]
     console.print(
         f"GEMM peak ({gm['threads']} threads): fp32 {gm['fp32_peak_flops'] / 1e9:.1f} GFLOP/s, "
@@ -159,3 +166,76 @@ def plot_load(sweep: list[dict[str, Any]], capacity: float, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def markdown(r: dict[str, Any], name: str) -> str:
+    """The README's results table for a bench JSON."""
+    m, e, gm = r["machine"], r.get("end_to_end") or {}, r["gemm"]
+    enc = gm["encoders"]
+
+    def share(k: str) -> str:
+        return f"{100 * enc[k]['share_of_fp32_peak']:.1f}% of fp32 peak"
+
+    rows = [
+        (
+            "text: served / naive",
+            f"{r['text']['served_events_per_s']:.1f} / {r['text']['naive_events_per_s']:.1f} events/s = **{r['text']['ratio']:.2f}x** ({share('text')})",
+        ),
+        (
+            "image: served / naive",
+            f"{r['image']['served_events_per_s']:.1f} / {r['image']['naive_events_per_s']:.1f} events/s = **{r['image']['ratio']:.2f}x** ({share('image')})",
+        ),
+        (
+            "Whisper, served, 5-s calls",
+            f"**{r['audio']['realtime_factor']:.1f}x real time** (naive transcribe {r['audio']['naive_realtime_factor']:.1f}x; {share('audio')})",
+        ),
+        (
+            "GEMM peak",
+            f"fp32 {gm['fp32_peak_flops'] / 1e9:.1f} GFLOP/s, int8 {gm['int8_peak_ops'] / 1e9:.1f} GOP/s ({gm['threads']} threads)",
+        ),
+        (
+            "quality guard (macro-F1 lost, served vs fp32)",
+            ", ".join(f"{k} {v['lost_points']:.2f}" for k, v in r["quality"]["macro_f1"].items())
+            + " points",
+        ),
+        (
+            "Whisper WER per voice (served)",
+            ", ".join(
+                f"{k} {v['served_wer']:.2f}" for k, v in r["quality"]["wer_per_voice"].items()
+            ),
+        ),
+    ]
+    if e:
+        rows.append(
+            ("end to end: capacity, mixed stream", f"{e['capacity_events_per_s']:.1f} events/s")
+        )
+        rows.append(
+            (
+                f"end to end at {e['at_fraction_of_capacity']:.2f} x capacity",
+                f"p50 {e['p50_ms']:.0f} ms, p95 {e['p95_ms']:.0f} ms, **p99 {e['p99_ms']:.0f} ms**",
+            )
+        )
+    so = (r.get("scale_out") or {}).get("services", {})
+    for k, v in so.items():
+        rows.append(
+            (
+                f"scale-out {k}, 1 -> 2 instances",
+                f"{v['rate_1']:.1f} -> {v['rate_2']:.1f} events/s = **{v['ratio']:.2f}x**",
+            )
+        )
+    head = [
+        f"Measured by `cityfuse bench --out {name}` on {m['cores']} cores ({m['cpu']}), no GPU, "
+        f"torch {m['torch']}; load average {m['load_average_start'][0]:.1f} at start, "
+        f"{m.get('load_average_end', [0])[0]:.1f} at end.",
+        "",
+        "| what | figure |",
+        "| --- | --- |",
+    ]
+    return "\n".join(head + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[1]).name))
