@@ -39,7 +39,7 @@ from streams.schemas import Alert
 # Content of an alert version, without the fields that say *when* it was sent.
 _VOLATILE = ("emitted_ts",)
 # Settling gives up when neither inputs nor alerts moved for this long.
-STALL_S = 240.0
+STALL_S = 600.0
 
 
 class Proc:
@@ -197,7 +197,8 @@ def run_chaos(
                 _wait_serving(list(procs.values()), 600)
                 time.sleep(2 * live.session_timeout_ms / 1000)  # the group joins
             _replay_with_chaos(live, folder, procs, extra, report, duration_s or events / 8)
-            report.timed_out = not _settle(collector, truth, report, settle_s)
+            collector, settled = _settle(live, collector, truth, report, settle_s)
+            report.timed_out = not settled
         finally:
             for p in [*procs.values(), *extra.values()]:
                 p.stop()
@@ -292,28 +293,37 @@ def _chaos(
 
 
 def _settle(
-    collector: Collector, truth: dict[str, Any], report: ChaosReport, timeout: float
-) -> bool:
+    live: KafkaSettings,
+    collector: Collector,
+    truth: dict[str, Any],
+    report: ChaosReport,
+    timeout: float,
+) -> tuple[Collector, bool]:
     """Wait until every input is an embedding or a dead letter and every truth incident has an
     alert, then for the alerts to stay quiet a few seconds (pending timers, last versions)."""
     deadline = time.monotonic() + timeout
     with console.status("waiting for every input to be accounted for") as status:
         last, quiet_since = (-1, -1), time.monotonic()
         while time.monotonic() < deadline:
+            if not collector.thread.is_alive():
+                # A reader thread that died on a broker error would look like a stall: read again.
+                collector.close()
+                collector = Collector(live, topics.EMBEDDINGS, topics.ALERTS, topics.DLQ).start()
+                time.sleep(5)
             done = _account(collector, truth, report)
             seen = (len(collector.snapshot(topics.ALERTS)), report.embeddings + report.dead_letters)
             if seen != last:
                 last, quiet_since = seen, time.monotonic()
             elif time.monotonic() - quiet_since > STALL_S:
-                return False  # nothing moves any more: report what is missing
+                return collector, False  # nothing moves any more: report what is missing
             status.update(
                 f"accounted {report.embeddings + report.dead_letters}/{report.inputs} inputs, "
                 f"{report.alerts} alerts; waiting"
             )
             if done and time.monotonic() - quiet_since > 10:
-                return True
+                return collector, True
             time.sleep(1.0)
-    return False
+    return collector, False
 
 
 def _account(collector: Collector, truth: dict[str, Any], report: ChaosReport) -> bool:
