@@ -3,11 +3,13 @@ context, one fine-tuning step, and the shipped speech artifact."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from whisper.model import Whisper
 
 from models import audio_augment as aug
@@ -15,6 +17,7 @@ from models import finetune_speech as fs
 from models import whisper_infer as wi
 from models.audio import SAMPLE_RATE, decode_audio
 from models.datasets import audio_table
+from models.speech import ARTIFACT_DIR, SpeechConfig, SpeechEncoder, speech_config
 from models.whisper_convert import load_whisper
 
 
@@ -144,3 +147,31 @@ def test_one_finetuning_step_changes_adapter(clips: list[np.ndarray]) -> None:
     # LoRA's B starts at zero, so the first step moves B (A's gradient is still zero).
     assert any("lora_B" in k for k in changed) and any("decoder" in k for k in changed)
     assert head.weight.shape == (7, 384)
+
+
+# The fine-tuned artifact shipped in the repository (served when configs/models.json names it).
+SHIPPED = "speech_lora-encdec.safetensors"
+
+
+def test_shipped_artifact_loads_and_serves(clips: list[np.ndarray]) -> None:
+    name = speech_config().artifact or SHIPPED
+    path = ARTIFACT_DIR / name
+    assert path.stat().st_size <= 25 * 2**20
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["method"] in fs.METHODS and json.loads(meta["config"])["model_name"] == "tiny.en"
+    model, head, _ = fs.load_artifact(path)
+    assert not any("lora" in k for k in model.state_dict())  # merged for serving
+    base_sd, tuned_sd = load_whisper().state_dict(), model.state_dict()
+    assert base_sd.keys() == tuned_sd.keys()
+    assert any(not torch.equal(base_sd[k], tuned_sd[k]) for k in base_sd)
+
+    encoder = SpeechEncoder(config=SpeechConfig(artifact=name, context="trim"))
+    assert name.removesuffix(".safetensors") in encoder.version and "-trim" in encoder.version
+    emb, texts = encoder.encode(clips)
+    assert emb.shape == (2, 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert all(len(t.split()) >= 3 for t in texts)
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(emb))
+    assert logits.shape == (2, 7)
