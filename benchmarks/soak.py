@@ -133,8 +133,8 @@ def capacity(live: KafkaSettings, pool: Pool, watch: Watch, passes: int = 1) -> 
         for topic, msg, _ in pool.messages():
             _send(producer, topic, msg)
             sent += 1
-    producer.flush()
-    producer.close()
+    producer.flush(timeout=60)
+    producer.close(timeout=60)
     copies = _copies_per_input(pool)
     while time.monotonic() - t0 < 900:
         done = (watch.embedded - start_e) / copies + (watch.dead - start_d)
@@ -169,6 +169,7 @@ def soak(minutes: float, out: Path, ttl_s: float, rate: float | None) -> dict[st
     """Run the soak and write ``out``; returns the result."""
     import tempfile
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     folder = write_scattered(
         Path(tempfile.mkdtemp(prefix="soak-")) / "pool",
         ScatterPlan(incidents=40, calls=0.02, frames=0.3, stagger_s=3.0, seed=23),
@@ -185,7 +186,10 @@ def soak(minutes: float, out: Path, ttl_s: float, rate: float | None) -> dict[st
             target = rate or cap / 2
             console.print(f"capacity {cap:.1f} inputs/s; soaking at {target:.1f} inputs/s")
             watch.take_latencies()
-            samples = _feed(live, pool, watch, fusion, bpid, minutes, target)
+            samples = _feed(
+                live, pool, watch, fusion, bpid, minutes, target, out.with_suffix(".samples.json")
+            )
+            watch.stop.set()
     first = samples[min(1, len(samples) - 1)]  # minute 1 is warm-up
     last = samples[-1]
     result = {
@@ -216,6 +220,7 @@ def _feed(
     bpid: int | None,
     minutes: float,
     rate: float,
+    log: Path,
 ) -> list[dict[str, Any]]:
     producer = make_producer(live)
     samples: list[dict[str, Any]] = []
@@ -251,9 +256,11 @@ def _feed(
                         "load1": os.getloadavg()[0],
                     }
                 )
+                # Written as they come: a run cut short keeps its minutes.
+                log.write_text(json.dumps(samples, indent=1))
             bar.update(task, completed=min(total, int(time.monotonic() - t0)))
-    producer.flush()
-    producer.close()
+    producer.flush(timeout=60)
+    producer.close(timeout=60)
     return samples
 
 
