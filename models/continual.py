@@ -47,8 +47,12 @@ class LearnConfig:
     rehearsal_batch: int = 128
     feedback_batch: int = 32
     # Weight of the distillation term (KL to the previous head on rehearsal incidents).
-    distill: float = 1.0
+    distill: float = 4.0
     distill_temperature: float = 2.0
+    # The label bias, input weights and zero-shot weight are shared by every modality: when
+    # frozen, feedback on one kind of evidence cannot shift what the others decide.
+    # Both chosen on the validation groups' forgetting (scripts/learning_curve.py, README).
+    train_shared: bool = False
     seed: int = 0
 
 
@@ -138,7 +142,9 @@ def update_head(
     teacher = previous.eval()
     head = copy.deepcopy(previous)
     head.train()
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
+    shared = {"bias", "input_weight", "zero_shot_weight"}
+    params = [p for name, p in head.named_parameters() if cfg.train_shared or name not in shared]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     fb_x, fb_mask, fb_y = stack_examples(examples)
     sample_cfg = TrainConfig()
     t = cfg.distill_temperature
