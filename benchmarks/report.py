@@ -43,24 +43,33 @@ def goals(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    """A rich table with right-aligned columns."""
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right")
+    return t
+
+
 def _f(v: Any, fmt: str = ".1f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
 def print_summary(r: dict[str, Any]) -> None:
     """Readable tables of a bench JSON."""
-    t = Table(title=f"encoders, naive vs served ({r['machine']['summary']})")
-    for c in (
-        "encoder",
-        "events",
-        "naive / s",
-        "served / s",
-        "ratio",
-        "FLOP/s (G)",
-        "% fp32 peak",
-        "% int8 peak",
-    ):
-        t.add_column(c, justify="right")
+    t = _table(
+        f"encoders, naive vs served ({r['machine']['summary']})",
+        (
+            "encoder",
+            "events",
+            "naive / s",
+            "served / s",
+            "ratio",
+            "FLOP/s (G)",
+            "% fp32 peak",
+            "% int8 peak",
+        ),
+    )
     for name in ("text", "image", "audio"):
         v, g = r[name], r["gemm"]["encoders"].get(name, {})
         t.add_row(
@@ -88,28 +97,28 @@ def print_summary(r: dict[str, Any]) -> None:
         f"{r['audio']['realtime_factor']:.1f}x real time on {r['audio']['n']} calls of "
         f"{r['audio']['mean_call_seconds']:.1f} s"
     )
-    q = Table(title="quality guard: served vs fp32 reference (macro-F1 x100, each event alone)")
-    for c in ("modality", "n", "reference", "served", "lost", "agreement", "ok"):
-        q.add_column(c, justify="right")
+    q = _table(
+        "quality guard: served vs fp32 reference (macro-F1 x100, each event alone)",
+        ("modality", "n", "reference", "served", "lost", "agreement", "ok"),
+    )
     for m, v in r["quality"]["macro_f1"].items():
         q.add_row(
             m, str(v["n"]), _f(v["reference_macro_f1"]), _f(v["served_macro_f1"]),
             _f(v["lost_points"], ".2f"), _f(v["label_agreement"], ".3f"), "yes" if v["ok"] else "[red]NO",
         )  # fmt: skip
     console.print(q)
-    w = Table(title="Whisper word error rate per voice")
-    for c in ("voice", "clips", "reference WER", "served WER"):
-        w.add_column(c, justify="right")
+    w = _table(
+        "Whisper word error rate per voice", ("voice", "clips", "reference WER", "served WER")
+    )
     for voice, v in r["quality"]["wer_per_voice"].items():
         w.add_row(voice, str(v["n"]), _f(v["reference_wer"], ".3f"), _f(v["served_wer"], ".3f"))
     console.print(w)
     e = r.get("end_to_end")
     if e:
-        s = Table(
-            title=f"end to end, mixed stream (capacity {e['capacity_events_per_s']:.1f} events/s)"
+        s = _table(
+            f"end to end, mixed stream (capacity {e['capacity_events_per_s']:.1f} events/s)",
+            ("offered / s", "sent", "done", "throughput / s", "p50 ms", "p95 ms", "p99 ms"),
         )
-        for c in ("offered / s", "sent", "done", "throughput / s", "p50 ms", "p95 ms", "p99 ms"):
-            s.add_column(c, justify="right")
         for row in e["sweep"]:
             s.add_row(
                 _f(row["offered_events_per_s"]), str(row["sent"]), str(row["done"]),
@@ -119,23 +128,16 @@ def print_summary(r: dict[str, Any]) -> None:
         console.print(s)
     so = r.get("scale_out")
     if so and so.get("services"):
-        x = Table(
-            title=f"scale-out: one consumer group, {so['partitions']} partitions, 1 torch thread each"
+        x = _table(
+            f"scale-out: one consumer group, {so['partitions']} partitions, 1 torch thread each",
+            ("service", "events", "1 instance / s", "2 instances / s", "ratio"),
         )
-        for c in ("service", "events", "1 instance / s", "2 instances / s", "ratio"):
-            x.add_column(c, justify="right")
         for name, v in so["services"].items():
             x.add_row(
-                name,
-                str(v["events"]),
-                _f(v["rate_1"]),
-                _f(v["rate_2"]),
-                _f(v["ratio"], ".2f") + "x",
+                name, str(v["events"]), _f(v["rate_1"]), _f(v["rate_2"]), _f(v["ratio"], ".2f")
             )
         console.print(x)
-    g = Table(title="goals (this run)")
-    for c in ("goal", "target", "measured", "met"):
-        g.add_column(c)
+    g = _table("goals (this run)", ("goal", "target", "measured", "met"))
     for v in r["goals"].values():
         met = {True: "[green]yes", False: "[red]no", None: "-"}[v["met"]]
         g.add_row(v["what"], v["target"], _f(v["value"], ".2f"), met)
