@@ -468,6 +468,7 @@ def run_all(
     search: bool = True,
     text_cap: int | None = None,
     test_cap: int | None = None,
+    dev_cap: int | None = None,
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD task heads, then the tables."""
     from models import crisismmd
@@ -483,7 +484,7 @@ def run_all(
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:
         for task in crisismmd.TASKS:
-            meta = crisismmd.train_task(task, encoder, out_dir, text_cap)
+            meta = crisismmd.train_task(task, encoder, out_dir, text_cap, dev_cap)
             dev = meta["dev"]
             console.print(
                 f"{meta['task']}: dev accuracy {dev['accuracy']['value']:.3f}, "

@@ -275,6 +275,12 @@ def broker(port: int | None) -> None:
     default=None,
     help="With --text-cap: also at most N test texts per (event, label).",
 )
+@click.option(
+    "--dev-cap",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most N CrisisMMD dev tweets per (event, label) for the task heads.",
+)
 def train(
     steps: int,
     out: Path | None,
@@ -283,12 +289,13 @@ def train(
     search: bool,
     text_cap: int | None,
     test_cap: int | None,
+    dev_cap: int | None,
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table."""
     from models.train import run_all
 
-    run_all(out, steps, tasks, head, search, text_cap, test_cap)
+    run_all(out, steps, tasks, head, search, text_cap, test_cap, dev_cap)
 
 
 @cli.command()
