@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,9 @@ def run_demo(
                 console.print(
                     f"dashboard still serving at [bold]{dash.login_url}[/]; Ctrl-C to stop"
                 )
-                threading.Event().wait()
+                # time.sleep, not Event.wait: Ctrl-C must interrupt it cleanly.
+                while True:
+                    time.sleep(3600)
         finally:
             if dash is not None:
                 dash.close()

@@ -105,6 +105,8 @@ def serve_forever(settings: KafkaSettings, host: str, port: int | None, token: s
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]bound to {host}: reachable from other machines (token required)")
     try:
-        threading.Event().wait()
+        # time.sleep, not Event.wait: Ctrl-C must interrupt it cleanly.
+        while True:
+            time.sleep(3600)
     finally:
         running.close()
