@@ -448,8 +448,8 @@ def write_table(
             {
                 "method": r["method"],
                 "val_macro_f1": v["macro_f1"],
-                "val_per_language": {k: round(x["value"], 4) for k, x in v["per_language"].items()},
-                "val_incidents_as_no_incident": round(v["incidents_as_no_incident"], 4),
+                "val_per_language": {k: x["value"] for k, x in v["per_language"].items()},
+                "val_incidents_as_no_incident": v["incidents_as_no_incident"],
                 "trainable_params": r["trainable_params"],
                 "train_seconds": r["train_seconds"],
                 "artifact_bytes": r["artifact_bytes"],
@@ -537,6 +537,9 @@ def write_card(
             + f" | {r['val_incidents_as_no_incident']:.1%} | {r['trainable_params']:,} | "
             f"{r['train_seconds']:.0f} s | {size} | {r['ms_per_batch32']:.0f} |"
         )
+    missing = [m for m in METHODS if m not in {r["method"] for r in doc["methods"]}]
+    if missing:
+        lines += ["", f"Not measured in this run: {', '.join(missing)} (see the issue note)."]
     if doc.get("test"):
         t = doc["test"]
         f1 = t["macro_f1"]
