@@ -17,8 +17,8 @@ from streams.broker import EmbeddedBroker
 from streams.clients import KafkaSettings, ensure_topics
 
 
-# Eleven process starts that each load models: about 2 minutes alone, far more on a shared
-# machine (a run at load average 30-80 took over 10 minutes), hence its own timeout.
+# Eleven process starts that each load models (not timed on an idle machine; at load average
+# 30-80 the run took over 10 minutes), hence its own timeout.
 @pytest.mark.timeout(1800)
 def test_every_input_accounted_for_and_one_alert_per_incident(tmp_path: Path) -> None:
     with EmbeddedBroker() as b:
