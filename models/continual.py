@@ -42,10 +42,13 @@ MODEL_DIR_ENV = "CITYFUSE_MODEL_DIR"
 class LearnConfig:
     """Hyper-parameters of one update (fixed before measuring; see scripts/learning_curve.py)."""
 
-    steps: int = 300
+    steps: int = 100
     lr: float = 5e-4
     rehearsal_batch: int = 128
     feedback_batch: int = 32
+    # Weight of cross-entropy on the rehearsal incidents' labels (0: rehearsal only through
+    # distillation, which matches the previous head instead of refitting a small sample).
+    rehearsal_ce: float = 1.0
     # Weight of the distillation term (KL to the previous head on rehearsal incidents).
     distill: float = 4.0
     distill_temperature: float = 2.0
@@ -166,7 +169,7 @@ def update_head(
             loss_kd = torch.nn.functional.kl_div(
                 torch.log_softmax(logits[:n_r] / t, -1), target, reduction="batchmean"
             ) * (t * t)
-            loss = loss_r + loss_f + cfg.distill * loss_kd
+            loss = cfg.rehearsal_ce * loss_r + loss_f + cfg.distill * loss_kd
             opt.zero_grad()
             loss.backward()
             opt.step()

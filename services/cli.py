@@ -380,7 +380,7 @@ def dashboard(settings: KafkaSettings, host: str, port: int | None, token: str |
     default=None,
     help="Model folder for learned heads (default: $CITYFUSE_MODEL_DIR, else configs/services.json).",
 )
-@click.option("--steps", type=click.IntRange(1, 100_000), default=300, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option(
     "--text-cap",
     type=click.IntRange(min=1),
