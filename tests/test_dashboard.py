@@ -79,38 +79,25 @@ def _alert(version: int, evidence: list[str], label: str = "traffic_accident") -
 def _produce_evidence(settings: KafkaSettings) -> None:
     ts = utc_now()
     loc = WHERE.model_dump()
-    send(
-        settings,
-        topics.FRAMES,
-        {
-            "event_id": FRAME_ID,
-            "ts": ts,
-            "camera_id": "cam-1",
-            "location": loc,
-            "source": "cctv",
-            "media": {
-                "content_type": "image/jpeg",
-                "data_b64": _b64(_demo_media(topics.FRAMES)),
-            },
-        },
-        key="cam-1",
+    media = (
+        (topics.FRAMES, FRAME_ID, "camera_id", "cam-1", "cctv", "image/jpeg"),
+        (topics.CALLS, CALL_ID, "call_id", "call-1", "hotline", "audio/ogg"),
     )
-    send(
-        settings,
-        topics.CALLS,
-        {
-            "event_id": CALL_ID,
-            "ts": ts,
-            "call_id": "call-1",
-            "location": loc,
-            "source": "hotline",
-            "media": {
-                "content_type": "audio/ogg",
-                "data_b64": _b64(_demo_media(topics.CALLS)),
+    for topic, event_id, name_field, name, source, ctype in media:
+        data = _b64(_demo_media(topic))
+        send(
+            settings,
+            topic,
+            {
+                "event_id": event_id,
+                "ts": ts,
+                name_field: name,
+                "location": loc,
+                "source": source,
+                "media": {"content_type": ctype, "data_b64": data},
             },
-        },
-        key="call-1",
-    )
+            key=name,
+        )
     send(
         settings,
         topics.TEXT,
