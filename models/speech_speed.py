@@ -113,7 +113,7 @@ def main(argv: list[str]) -> None:
     # Beside the method rows, under "serving" (the one speech results file).
     out = ARTIFACT_DIR / "speech_methods.json"
     table_json = json.loads(out.read_text()) if out.is_file() else {}
-    table_json["serving"] = rows
+    table_json.setdefault("serving", {}).update(rows)
     out.write_text(json.dumps(table_json, indent=1, sort_keys=True) + "\n")
     refresh_table(ARTIFACT_DIR)
     console.print(f"wrote {out.name} (serving)")
