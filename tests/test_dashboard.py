@@ -240,7 +240,8 @@ def test_confirm_and_relabel_produce_feedback_records(settings: KafkaSettings, p
     page.wait_for_selector("#fb-status.ok")
     page.select_option("#fb-label", "fire")
     page.click("#btn-relabel")
-    page.wait_for_function("document.querySelector('#fb-status').textContent.includes('relabel')")
+    # Locator waits, not string predicates: the page's CSP forbids eval, even for tests.
+    page.locator("#fb-status.ok", has_text="relabel").wait_for()
     got = wait_for(consumer, lambda v: v.get("alert_id") == ALERT_ID, timeout=30)
     deadline = time.monotonic() + 20
     while len(got) < 2 and time.monotonic() < deadline:
@@ -255,10 +256,7 @@ def test_confirm_and_relabel_produce_feedback_records(settings: KafkaSettings, p
         assert (r.operator, r.version, r.note) == ("ana", 2, "seen on camera <b>")
     # The dashboard reads its own feedback back and shows the verdict on the row.
     page.click("#nav-list")
-    page.wait_for_function(
-        f"document.querySelector('#alerts tr[data-alert-id=\"{ALERT_ID}\"] td.verdict')"
-        ".textContent.includes('fire')"
-    )
+    page.locator(f'#alerts tr[data-alert-id="{ALERT_ID}"] td.verdict', has_text="fire").wait_for()
 
 
 def test_health_shows_group_lag_and_dead_letters(
