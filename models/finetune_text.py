@@ -553,6 +553,15 @@ def write_card(
             )
             + f"; real incidents → no_incident {t['incidents_as_no_incident']:.1%}.",
         ]
+    from models.text import FINETUNED_E5, text_selection
+
+    if text_selection()["encoder"] != FINETUNED_E5:
+        lines += [
+            "",
+            f"Served text encoder today: `{text_selection()['encoder']}` (configs/models.json);"
+            f" setting `encoder` to `{FINETUNED_E5}` serves the default above, after the fusion"
+            " head and CrisisMMD task heads are retrained on its 384-d vectors.",
+        ]
     text = "\n".join(lines) + "\n"
     path.write_text(text, encoding="utf-8")
     return text
