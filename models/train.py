@@ -491,6 +491,6 @@ def run_all(
                 f"macro-F1 {dev['macro_f1']['value']:.3f} ({meta['kind']}, {meta['config']})"
             )
     if out is None:  # the shipped artifacts changed: regenerate the generated tables
-        from scripts.method_table import update_docs
+        from models.method_table import update_docs
 
         update_docs()
