@@ -74,6 +74,17 @@ def example_from_evidence(evidence: list[Evidence], label: int, source: str = ""
     return Example({k: v[0].numpy() for k, v in x.items()}, label, source)
 
 
+def fits(example: Example, dims: dict[str, int]) -> bool:
+    """Whether every input of ``example`` has the vector size the head expects (embeddings
+    of another encoder version cannot be learned from)."""
+    from models.fusion import INPUT_EXPERT
+
+    return all(
+        INPUT_EXPERT.get(name) in dims and arr.shape[1] == dims[INPUT_EXPERT[name]]
+        for name, arr in example.x.items()
+    )
+
+
 def stack_examples(
     examples: list[Example],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:

@@ -19,6 +19,7 @@ from models.continual import (
     Example,
     LearnConfig,
     example_from_evidence,
+    fits,
     load_current,
     model_dir,
     update_head,
@@ -147,6 +148,12 @@ def learn(
             f"({found.feedback} records; skipped {found.skipped or 'none'})"
         )
     previous: FusionModel = load_current(folder)
+    usable = [e for e in found.examples if fits(e, dict(previous.head.dims))]
+    if len(usable) < len(found.examples):
+        found.skipped["vector_size_mismatch"] = len(found.examples) - len(usable)
+        found.examples = usable
+    if not found.examples:
+        raise ValueError(f"no feedback incident has vectors this head reads ({found.skipped})")
     pools = rehearsal if rehearsal is not None else rehearsal_pools(text_cap, audio)
     head = update_head(previous.head, found.examples, pools, cfg)
     info = {
