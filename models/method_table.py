@@ -233,13 +233,22 @@ def update_docs(folder: Path = ARTIFACT_DIR, readme: Path = README) -> None:
 
     table = method_table_markdown(folder).replace("## Method table", "### Method table", 1)
     if readme.exists():
-        text = readme.read_text(encoding="utf-8")
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}", encoding="utf-8")
+        _between_markers(readme, table)
     meta_path = folder / META_FILE
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if "test" in meta:  # written by the three-way trainer
             (folder / CARD_FILE).write_text(model_card(meta), encoding="utf-8")
+        elif (folder / CARD_FILE).exists():  # an older head's card: refresh only the table
+            _between_markers(folder / CARD_FILE, method_table_markdown(folder), append=True)
+
+
+def _between_markers(path: Path, table: str, append: bool = False) -> None:
+    """Replace the text between the markers (or append them with the table)."""
+    text = path.read_text(encoding="utf-8")
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}", encoding="utf-8")
+    elif append:
+        path.write_text(f"{text.rstrip()}\n\n{BEGIN}\n{table}\n{END}\n", encoding="utf-8")
