@@ -364,7 +364,9 @@ def inference_ms(model: Any, crops: torch.Tensor, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def _proxy_head(x: np.ndarray, y: np.ndarray, weights: torch.Tensor, seed: int = 0) -> nn.Module:
+def _proxy_head(
+    x: np.ndarray, y: np.ndarray, weights: torch.Tensor, seed: int = 0, steps: int = 150
+) -> nn.Module:
     """A small MLP like the fusion head's image expert, fitted on training features."""
     torch.manual_seed(seed)
     head = nn.Sequential(
@@ -374,10 +376,10 @@ def _proxy_head(x: np.ndarray, y: np.ndarray, weights: torch.Tensor, seed: int =
         nn.Dropout(0.5),
         nn.Linear(128, len(weights)),
     )
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-2)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     head.train()
-    for _ in range(400):
+    for _ in range(steps):
         loss = nn.functional.cross_entropy(head(xt), yt, weight=weights, label_smoothing=0.05)
         opt.zero_grad()
         loss.backward()
@@ -387,7 +389,6 @@ def _proxy_head(x: np.ndarray, y: np.ndarray, weights: torch.Tensor, seed: int =
 
 REFERENCE_VARIANTS: dict[str, ReferenceBounds] = {
     "confident_p0.8_w16": ReferenceBounds(window=16, min_p_ordinary=0.8, rule="confident"),
-    "confident_p0.5_w16": ReferenceBounds(window=16, min_p_ordinary=0.5, rule="confident"),
     "first_w8": ReferenceBounds(window=8, rule="first"),
     "recent_w16": ReferenceBounds(window=16, rule="recent"),
 }
