@@ -498,7 +498,7 @@ def refresh_table(folder: Path = ARTIFACT_DIR) -> None:
                 "split": "test",
                 "macro_f1": _ci(test["probe"]),
                 "wer": test["wer"],
-                "default": True,
+                "default": bool(default) and default == f"speech_{test['method']}.safetensors",
             }
         )
     data["rows"] = rows
