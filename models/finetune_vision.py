@@ -560,6 +560,14 @@ if __name__ == "__main__":
             )
 
 
+def _mb(n: float | None) -> str:
+    return f"{n / 1e6:.2f} MB" if n is not None else "-"
+
+
+def _num(v: float | None) -> str:
+    return f"{v:.1f}" if v is not None else "-"
+
+
 def write_card(out_dir: Path = ARTIFACT_DIR) -> Path:
     """``vision_model_card.md``: the vision section of the model card, from the methods file."""
     from models.vision import selection
@@ -573,18 +581,20 @@ def write_card(out_dir: Path = ARTIFACT_DIR) -> Path:
         own = r["val"]["own_classifier"]
         m = own["macro_f1"]
         rows.append(
-            f"| {key}{' (default)' if r.get('artifact') == sel.get('artifact') else ''} "
+            f"| {key}{' (default)' if r.get('artifact') and r.get('artifact') == sel.get('artifact') else ''} "
             f"| {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}] "
             f"| {own['cctv']['traffic_accident_f1']:.3f} | {own['cctv']['no_incident_f1']:.3f} "
             f"| {r['trainable_params']:,} | {r['train_seconds']:.0f} s "
-            f"| {r['artifact_bytes'] / 1e6:.2f} MB | {r['inference_ms_per_frame']:.1f} |"
+            f"| {_mb(r.get('artifact_bytes'))} | {_num(r.get('inference_ms_per_frame'))} |"
         )
     ref_rows = []
+    # The configured default, else the best-on-val committed artifact (``best_val``).
+    chosen = sel.get("artifact") or table.get("best_val", {}).get("artifact")
     default = next(
         (
             r
             for r in table.values()
-            if isinstance(r, dict) and r.get("artifact") == sel.get("artifact")
+            if isinstance(r, dict) and r.get("method") and r.get("artifact") == chosen
         ),
         None,
     )
@@ -598,7 +608,7 @@ def write_card(out_dir: Path = ARTIFACT_DIR) -> Path:
     test = table.get("test")
     test_txt = "not scored yet"
     if isinstance(test, dict):
-        test_txt = "\n".join(
+        test_txt = f"Encoder `{test['encoder_version']}`:\n" + "\n".join(
             f"- {name}: macro-F1 {s['macro_f1']['value']:.3f} [{s['macro_f1']['lo']:.3f}, "
             f"{s['macro_f1']['hi']:.3f}] (n={s['n']}), CCTV traffic_accident F1 "
             f"{s['cctv']['traffic_accident_f1']:.3f}, CCTV no_incident F1 {s['cctv']['no_incident_f1']:.3f}"
@@ -630,7 +640,7 @@ architecture, so their true cost is the same).
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-## Camera reference (val, default backbone; a fusion-like MLP on each view)
+## Camera reference (val, backbone of {chosen}; a fusion-like MLP on each view)
 | view | macro-F1 [95% CI] | CCTV accident F1 | CCTV no_incident F1 |
 |---|---|---|---|
 {chr(10).join(ref_rows)}
