@@ -67,7 +67,8 @@ def render(r: dict[str, Any], bench_name: str) -> str:
     total_events = sum(v["events_per_s"] for v in p.values())
     ingress_mb = p["vision"]["events_per_s"] * frame_bytes / 1e6
     emb_mb = total_events * emb_bytes / 1e6
-    fusion_cores = math.ceil(total_events / (fusion.get("events_per_s", 1.0) * HEADROOM))
+    fusion_core = fusion.get("events_per_s", 1.0) / m["cores"]  # measured on all cores
+    fusion_cores = math.ceil(total_events / (fusion_core * HEADROOM))
     broker_nodes = math.ceil(ingress_mb / (broker.get("mb_per_s", 1.0) * HEADROOM))
     lines = [
         "# Capacity plan",
@@ -94,8 +95,8 @@ def render(r: dict[str, Any], bench_name: str) -> str:
             f"`{v['source']}` | {v['cores']} | {v['partitions']} |"
         )
     lines += [
-        f"| fusion | {total_events:.1f} | {fusion.get('events_per_s', 0.0):.0f} | "
-        f"`fusion.events_per_s` (in process, {r['machine']['cores']} cores) | {fusion_cores} | "
+        f"| fusion | {total_events:.1f} | {fusion_core:.1f} | "
+        f"`fusion.events_per_s / {m['cores']} cores` | {fusion_cores} | "
         f"{2 * fusion_cores} |",
         "",
         f"Encoder cores in all: **{sum(v['cores'] for v in p.values())}** "
