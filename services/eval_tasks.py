@@ -62,18 +62,11 @@ def check_task(task: str) -> None:
 
 def print_task(result: dict[str, Any], task: str) -> None:
     """One rich table: the task's accuracy and macro-F1 with intervals, and per-class F1."""
-    from rich.table import Table
+    from streams.console import console, per_class_table
 
-    from streams.console import console
-
-    t = Table(title=f"{task} (text events with truth)")
-    for c in ("class", "precision", "recall", "F1", "support"):
-        t.add_column(c)
-    for name, v in result["per_class"].items():
-        t.add_row(
-            name, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", str(v["support"])
-        )
-    console.print(t)
+    console.print(
+        per_class_table(f"{task} (text events with truth)", result["per_class"], first="class")
+    )
     acc, f1 = result["accuracy"], result["macro_f1"]
     console.print(
         f"{task}: n={result['n']}, accuracy {acc['value']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}], "

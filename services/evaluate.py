@@ -25,7 +25,7 @@ from services.eval_tasks import check_task, score_task
 from services.runtime import Collector, Models, Pipeline
 from streams import topics
 from streams.clients import KafkaSettings, cluster
-from streams.console import console, progress
+from streams.console import console, per_class_table, progress
 from streams.correlation import Sighting, sighting
 from streams.errors import RejectedInput
 from streams.recording import inline_media, read_recording
@@ -372,14 +372,7 @@ def print_report(result: dict[str, Any], name: str) -> None:
         "[bold]incidents (fused)", str(inc["n"]), f"{inc['accuracy']:.3f}", f"{inc['macro_f1']:.3f}"
     )
     console.print(t)
-    pc = Table(title="per class (incidents)")
-    for c in ("label", "precision", "recall", "f1", "support"):
-        pc.add_column(c)
-    for lab, v in result["per_class"].items():
-        pc.add_row(
-            lab, f"{v['precision']:.2f}", f"{v['recall']:.2f}", f"{v['f1']:.2f}", str(v["support"])
-        )
-    console.print(pc)
+    console.print(per_class_table("per class (incidents)", result["per_class"], digits=2))
     console.print(f"dead letters: {result['dlq']['count']} {result['dlq']['by_reason']}")
     if result.get("timed_out"):
         console.print(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,3 +28,23 @@ def progress() -> Progress:
         console=console,
         transient=False,
     )
+
+
+def per_class_table(
+    title: str, per_class: dict[str, dict[str, float]], first: str = "label", digits: int = 3
+) -> Any:
+    """A rich table of per-class precision, recall, F1 and support (evaluate and --task share it)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in (first, "precision", "recall", "f1", "support"):
+        t.add_column(c)
+    for name, v in per_class.items():
+        t.add_row(
+            name,
+            f"{v['precision']:.{digits}f}",
+            f"{v['recall']:.{digits}f}",
+            f"{v['f1']:.{digits}f}",
+            str(int(v["support"])),
+        )
+    return t
