@@ -122,6 +122,13 @@ class FusionModel:
             )
         self.version = str(meta["version"])
 
+    @property
+    def encoders(self) -> dict[str, str] | None:
+        """Encoder version per modality the head was trained on (None for older heads)."""
+        data = self.meta.get("data")
+        found = data.get("encoders") if isinstance(data, dict) else None
+        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else None
+
     @classmethod
     def load(cls, folder: Path = ARTIFACT_DIR) -> FusionModel:
         """Load ``fusion_head.safetensors`` + ``fusion_head.json`` (no pickle)."""

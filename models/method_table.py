@@ -112,6 +112,11 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
         test = data.get("test") if isinstance(data, dict) else None
         if isinstance(test, dict) and "macro_f1" in test:  # text: the default, scored once
             rows = [*rows, {**test, "split": "test", "default": True}]
+        elif isinstance(test, dict) and "scores" in test:  # vision: the best val artifact
+            best = str(data.get("best_val", {}).get("artifact", "?"))
+            method = best.removeprefix("vision_").removesuffix(".safetensors")
+            own = test["scores"].get("own_classifier", {})
+            rows = [*rows, {**own, "method": method, "split": "test", "default": True}]
         for r in rows:
             split = _first(r, "split", "scored_on") or ("test" if "test_macro_f1" in r else "val")
             method = str(_first(r, "method", "name") or "?")

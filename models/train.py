@@ -317,15 +317,21 @@ def load_pools(
     tdf = tdf.with_columns(three_way(tdf, "text"))  # on the full table: groups by their size
     if text_cap:
         tdf = cap_rows(tdf, text_cap, test_cap)
+    vision_enc = VisionEncoder()
     pools = {
         "text": Pool(
             {"text": text_embeddings(tdf, text_enc)["text"]}, labels(tdf), tdf["lang"].to_numpy()
         ),
-        "image": Pool({"image": image_embeddings(idf, VisionEncoder())["image"]}, labels(idf)),
+        "image": Pool({"image": image_embeddings(idf, vision_enc)["image"]}, labels(idf)),
     }
     split = {"text": tdf["split"].to_numpy(), "image": three_way(idf, "image").to_numpy()}
     info: dict[str, Any] = {
         "text_encoder": getattr(text_enc, "version", type(text_enc).__name__),
+        # The fusion service admits only vectors of these encoder versions (its door check).
+        "encoders": {
+            "text": getattr(text_enc, "version", type(text_enc).__name__),
+            "image": vision_enc.version,
+        },
         "blank_view": blank_view_of(text_enc),
         "text_groups": {
             s: sorted(tdf.filter(pl.Series(split["text"] == s))["group"].unique()) for s in SPLITS
@@ -341,7 +347,9 @@ def load_pools(
         # Clips whose voice or sentence is held out but not in val/test are never used:
         # transcribing them would cost more than half of the Whisper time for nothing.
         adf = adf.with_columns(three_way(adf, "audio")).filter(pl.col("split") != "unused")
-        emb = audio_embeddings(adf, SpeechEncoder(), text_enc)
+        speech_enc = SpeechEncoder()
+        info["encoders"]["audio"] = speech_enc.version
+        emb = audio_embeddings(adf, speech_enc, text_enc)
         pools["audio"] = Pool(
             {"audio": emb["audio"], "transcript": emb["transcript_vec"]}, labels(adf)
         )

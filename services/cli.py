@@ -258,6 +258,13 @@ def broker(port: int | None) -> None:
 )
 @click.option("--head/--no-head", default=True, show_default=True, help="The fusion head.")
 @click.option(
+    "--encoders/--no-encoders",
+    default=False,
+    show_default=True,
+    help="First re-run the recipe of each fine-tuned encoder artifact in configs/models.json "
+    "(about an hour in all on 2 cores).",
+)
+@click.option(
     "--search/--no-search",
     default=True,
     show_default=True,
@@ -286,14 +293,22 @@ def train(
     out: Path | None,
     tasks: bool,
     head: bool,
+    encoders: bool,
     search: bool,
     text_cap: int | None,
     test_cap: int | None,
     dev_cap: int | None,
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
-    CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table."""
+    CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table.
+    With --encoders, the selected encoder artifacts are first rebuilt from their recipes."""
     from models.train import run_all
+
+    if encoders:
+        from models.reproduce import MODALITIES, refinetune
+
+        for modality in MODALITIES:
+            refinetune(modality)
 
     run_all(out, steps, tasks, head, search, text_cap, test_cap, dev_cap)
 

@@ -138,7 +138,6 @@ class FusionService(BatchService):
         self.threshold = conf.fusion.threshold if threshold is None else threshold
         self.pending_s = conf.fusion.pending_s if pending_s is None else pending_s
         self.ttl_s = conf.fusion.ttl_s if ttl_s is None else ttl_s
-        self.encoders = conf.fusion.encoders
         self.cap = conf.limits.evidence_ids
         self.dims: dict[str, int] = dict(model.head.dims)
         self.reset()
@@ -160,11 +159,16 @@ class FusionService(BatchService):
     def check(self, emb: Embedding) -> Evidence:
         """The head's evidence of an embedding, or RejectedInput (stage ``fuse``) when its
         encoder or vector size is not what the head was trained on."""
-        prefix = self.encoders.get(emb.modality, "")
-        if not emb.encoder.name.startswith(prefix):
+        # The head names the exact encoder versions it was trained on (models/train.py).
+        trained_on = self.model.encoders
+        if trained_on is not None and emb.encoder.version != trained_on.get(emb.modality):
             raise RejectedInput(
-                "fuse", "encoder_mismatch", f"{emb.modality} from {emb.encoder.name!r}"
+                "fuse",
+                "encoder_mismatch",
+                f"{emb.modality} from {emb.encoder.name} {emb.encoder.version!r}, "
+                f"the head reads {trained_on.get(emb.modality)!r}",
             )
+
         want = self.dims.get(emb.modality)
         if emb.dim != want:
             raise RejectedInput("fuse", "vector_size", f"{emb.modality} dim {emb.dim} != {want}")
@@ -346,7 +350,11 @@ class FusionService(BatchService):
     def _maybe_new_head(self) -> None:
         """Switch to a newly learned head (same input sizes) before the next batch is used."""
         head = self.head_watch.check()
-        if head is not None and dict(head.head.dims) == dict(self.model.head.dims):
+        if (
+            head is not None
+            and dict(head.head.dims) == dict(self.model.head.dims)
+            and head.encoders == self.model.encoders
+        ):
             log.info("fusion head %s -> %s", self.model.version, head.version)
             self.model = head
 

@@ -37,8 +37,6 @@ class Fusion(BaseModel):
     pending_s: float
     # State is dropped ttl_s after an incident's last evidence reached city.embeddings.
     ttl_s: float
-    # Encoder name prefix accepted per modality (checked at the door with the vector size).
-    encoders: dict[str, str]
 
 
 class Limits(BaseModel):

@@ -120,11 +120,20 @@ def fusion_model() -> FusionModel:
     return FusionModel.load()
 
 
+def _text_encoder_of_head() -> tuple[int, str]:
+    """The text vector size and encoder version the shipped head reads (its own meta)."""
+    model = FusionModel.load()
+    return model.head.dims["text"], (model.encoders or {}).get("text", "t")
+
+
+TEXT_DIM, TEXT_VERSION = _text_encoder_of_head()
+
+
 def _emb(
     eid: str, ts: float, north_m: float = 0.0, dim: int | None = None, seed: int = 0
 ) -> Embedding:
     rng = np.random.default_rng(seed)
-    v = rng.standard_normal(dim or 768).astype(np.float32)
+    v = rng.standard_normal(dim or TEXT_DIM).astype(np.float32)
     v /= np.linalg.norm(v)
     t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(1_796_000_000 + ts)) + "Z"
     return Embedding(
@@ -135,7 +144,7 @@ def _emb(
         location=Location(lat=45.0 + north_m / M, lon=9.0),
         vector=encode_vector(v),
         dim=v.shape[0],
-        encoder=EncoderRef(name="all-MiniLM-L6-v2+multilingual-e5-small", version="t"),
+        encoder=EncoderRef(name="multilingual-e5-small", version=TEXT_VERSION),
         ingest_ts=t,
     )
 
@@ -186,10 +195,11 @@ def test_bad_vector_is_refused_at_the_door_and_does_not_poison(fusion_model: Fus
         svc.add(_emb("short", 1, dim=100), 0)
     assert (e.value.stage, e.value.reason) == ("fuse", "vector_size")
     wrong = _emb("other-encoder", 2).model_copy(
-        update={"encoder": EncoderRef(name="clip", version="1")}
+        update={"encoder": EncoderRef(name="multilingual-e5-small", version="other-weights")}
     )
-    with pytest.raises(RejectedInput):
+    with pytest.raises(RejectedInput) as e:
         svc.add(wrong, 0)
+    assert e.value.reason == "encoder_mismatch"
     svc.add(_emb("ok2", 3, seed=3), 0)
     (alert,) = _alerts(svc)
     assert sorted(alert["evidence"]) == ["ok", "ok2"]

@@ -1,0 +1,70 @@
+"""Rebuild the served encoder artifacts from the recipe each one carries.
+
+Every fine-tuned artifact stores its method and hyper-parameters in its safetensors metadata
+(``method`` and ``config``), written by its modality's fine-tuner. ``cityfuse train --encoders``
+reads the artifacts selected in ``configs/models.json`` and re-runs exactly those recipes, so
+the shipped encoders are reproducible from the repository alone (then the fusion head is
+retrained on what they produce).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from models.fusion import ARTIFACT_DIR
+from streams.console import console
+from streams.taxonomy import CONFIG_DIR
+
+MODALITIES = ("text", "image", "audio")
+
+
+def selected_artifact(modality: str) -> str | None:
+    """The artifact file ``configs/models.json`` selects for ``modality`` (None = frozen)."""
+    raw = json.loads((CONFIG_DIR / "models.json").read_text(encoding="utf-8"))
+    name = dict(raw[modality]).get("artifact")
+    return str(name) if name else None
+
+
+def recipe(path: Path) -> tuple[str, dict[str, Any]]:
+    """``(method, config)`` stored in an artifact's metadata by the run that wrote it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "method" not in meta or "config" not in meta:
+        raise ValueError(f"{path.name} has no recipe (method/config) in its metadata")
+    return meta["method"], dict(json.loads(meta["config"]))
+
+
+def refinetune(modality: str, folder: Path = ARTIFACT_DIR) -> dict[str, Any] | None:
+    """Re-run the recipe of ``modality``'s selected artifact; None when it serves frozen weights.
+
+    The new weights overwrite the artifact of the same name (its recipe is unchanged)."""
+    name = selected_artifact(modality)
+    if name is None:
+        return None
+    method, config = recipe(folder / name)
+    console.print(f"[bold]{modality}[/]: re-running {method} {config}")
+    if modality == "text":
+        from models import finetune_text
+
+        config.pop("method", None)
+        steps = int(config.pop("steps"))
+        tag = str(config.pop("tag", ""))
+        return finetune_text.run(method, steps=steps, tag=tag, out_dir=folder, **config)
+    if modality == "image":
+        from models import finetune_vision
+
+        return finetune_vision.run(
+            method,
+            epochs=int(config["epochs"]),
+            lr=float(config["lr"]),
+            out_dir=folder,
+            threads=int(config.get("threads", 1)),
+        )
+    from models import finetune_speech
+
+    cfg = finetune_speech.FinetuneConfig(**config)
+    return finetune_speech.run(method, out_dir=folder, cfg=cfg)

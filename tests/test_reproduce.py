@@ -1,0 +1,41 @@
+"""Every served fine-tuned encoder carries a recipe that its fine-tuner accepts, so
+``cityfuse train --encoders`` can rebuild it (the runs themselves are scripts, not tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from models import finetune_speech, finetune_text, finetune_vision
+from models.fusion import ARTIFACT_DIR
+from models.reproduce import MODALITIES, recipe, selected_artifact
+
+CONFIGS = {
+    "text": finetune_text.FTConfig,
+    "image": finetune_vision.FinetuneConfig,
+    "audio": finetune_speech.FinetuneConfig,
+}
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_selected_artifact_has_a_recipe_its_finetuner_accepts(modality: str) -> None:
+    name = selected_artifact(modality)
+    assert name is not None, f"{modality} serves frozen weights (configs/models.json)"
+    method, config = recipe(ARTIFACT_DIR / name)
+    fields = {f.name for f in dataclasses.fields(CONFIGS[modality])}
+    assert set(config) - {"method"} <= fields
+    finetuner = {"text": finetune_text, "image": finetune_vision, "audio": finetune_speech}
+    assert method in finetuner[modality].METHODS
+
+
+def test_vision_recipe_is_fully_replayed() -> None:
+    """``refinetune`` passes only epochs, lr and threads to the vision run: the rest of the
+    stored recipe must be the run's defaults, or the rebuild would differ."""
+    name = selected_artifact("image")
+    assert name is not None
+    method, config = recipe(ARTIFACT_DIR / name)
+    rebuilt = finetune_vision.FinetuneConfig(
+        method=method, epochs=config["epochs"], lr=config["lr"], threads=config["threads"]
+    )
+    assert dataclasses.asdict(rebuilt) == config
