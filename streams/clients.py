@@ -34,6 +34,9 @@ class KafkaSettings(BaseModel):
     # Local Tansu delays a group join by about session_timeout/2: keep it short here.
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 2000
+    # Whether a closing group member sends LeaveGroup. Off: a departure is noticed by the
+    # session timeout instead, exactly like a crash (see ``make_consumer`` for why).
+    leave_group_on_close: bool = False
 
     def common(self) -> dict[str, Any]:
         """Keyword arguments shared by every kafka-python client."""
@@ -82,7 +85,44 @@ def make_consumer(
         "fetch_max_bytes": FETCH_MAX_BYTES,
     }
     kw.update(overrides)
-    return KafkaConsumer(*topic_names, **settings.common(), **kw)
+    consumer = KafkaConsumer(*topic_names, **settings.common(), **kw)
+    if group_id is not None and not settings.leave_group_on_close:
+        _never_leave_group(consumer)
+    return consumer
+
+
+def _never_leave_group(consumer: KafkaConsumer) -> None:
+    """Make ``consumer`` leave its group silently: forget the membership locally, send no
+    LeaveGroup; the coordinator evicts the member when its session times out.
+
+    Why (issue 11, the chaos run's stalled vision group): Tansu, the embedded broker, wedges a
+    group for good when its *leader* sends LeaveGroup while the group is rebalancing
+    ("Forming"). Its Forming-state ``leave`` removes the member but keeps it as ``leader``
+    (tansu-broker/src/coordinator/group/administrator.rs at 510f3e2; the Formed-state
+    ``leave`` and the session-timeout eviction both clear it). From then on every JoinGroup
+    names the departed leader, nobody is elected, each SyncGroup answers
+    RebalanceInProgress, and no member of the group is ever assigned a partition again:
+    consumption and commits stop, restarting the survivors does not help. That is the
+    chaos run's stalled vision group (committed offsets stuck at 112 of 641 frames after
+    vision#2 left): vision#2 leads once vision#1 is SIGKILLed and evicted, the restarted
+    vision#1 joining starts a rebalance, and vision#2's SIGTERM sends LeaveGroup during it.
+    Reproduced with plain members (tests/test_chaos.py): LeaveGroup from the leader one
+    second after another member's JoinGroup, and the joiner is never assigned anything.
+
+    Eviction by session timeout clears a departed leader correctly (it is the path every
+    SIGKILL takes), so members here never send LeaveGroup, on ``close()``, ``unsubscribe()``
+    or kafka-python's own leave after ``max_poll_interval_ms``. The cost is a rebalance that
+    starts ``session_timeout_ms`` later. Kafka Streams makes the same choice for its own
+    consumers (``internal.leave.group.on.close=false``) to spare rolling restarts a rebalance.
+    """
+    coordinator = consumer._coordinator
+
+    async def forget(reason: str | None = None, timeout_ms: int | None = None) -> None:
+        coordinator.reset_generation()
+
+    # kafka-python 3.0.12 routes every leave through this coroutine (close, unsubscribe and
+    # the heartbeat thread's poll-timeout leave): replace it on this instance only.
+    coordinator.maybe_leave_group_async = forget
 
 
 def assign_all(consumer: KafkaConsumer, *topic_names: str) -> list[TopicPartition]:
