@@ -24,11 +24,14 @@ from benchmarks.flops import count_flops, gemm_peak
 from benchmarks.quality import f1_guard, wer_per_voice
 from benchmarks.report import goals, plot_load, print_summary
 from benchmarks.samples import Sample, call_samples, image_samples, records, text_samples
+from models.fusion import FusionModel
 from services.encoders import EncoderService, SpeechService, TextService, VisionService
 from services.runtime import Models
+from services.speedups import describe
 from streams import topics
 from streams.clients import KafkaSettings, cluster
 from streams.console import console, progress
+from streams.schemas import Modality
 
 
 @dataclass(frozen=True)
@@ -106,13 +109,23 @@ def _flops(
 ) -> dict[str, Any]:
     """FLOPs per event of the served path (one micro-batch, counted) and their share of peak."""
     recs = records(samples[: svc.batch_max], "flops")
-    per_event = count_flops(lambda: svc.process(recs)) / len(recs)
+    # FlopCounterMode does not see inside a TorchScript graph: count the same layers eagerly.
+    graph = getattr(svc.encoder, "graph", None)
+    if graph is not None:
+        svc.encoder.graph = None
+    try:
+        per_event = count_flops(lambda: svc.process(recs)) / len(recs)
+    finally:
+        if graph is not None:
+            svc.encoder.graph = graph
     achieved = per_event * rate
     return {
         "flops_per_event": per_event,
         "achieved_flops": achieved,
         "share_of_fp32_peak": achieved / peak["fp32_peak_flops"],
+        "share_of_bf16_peak": achieved / peak["bf16_peak_flops"],
         "share_of_int8_peak": achieved / peak["int8_peak_ops"],
+        "serving": getattr(svc.encoder, "serving", svc.encoder.version),
     }
 
 
@@ -189,7 +202,10 @@ def run_bench(
         "ok": all(v["ok"] for v in f1.values()),
         "wer_per_voice": wer_per_voice(calls, *runs["audio"]),
     }
-    result["text"]["variants"] = _text_int8(models, runs["text"][0], pools[topics.TEXT])
+    result["serving"] = describe(text=models.text, image=models.vision, audio=models.speech)
+    variants = _variants(models, runs, pools)
+    result["text"]["variants"] = variants["text"]
+    result["image"]["variants"] = variants["image"]
     from benchmarks.stages import broker_rate, fusion_rate
 
     with console.status("fusion and broker stages"):
@@ -214,24 +230,62 @@ def run_bench(
     return result
 
 
-def _text_int8(models: Models, ref: enc.Run, samples: list[Sample]) -> dict[str, Any]:
-    """The int8 text view (``services.speedups.int8_text``) as a candidate: its served rate
-    and macro-F1 guard against the same fp32 reference, beside the served default."""
-    from models.text import TextEncoder
-    from services.speedups import TEXT_INT8, int8_text
+TEXT_CANDIDATES = ("fp32", "bf16", "int8")
+IMAGE_CANDIDATES = (("fp32", False, 0), ("fp32", True, 4), ("bf16", False, 4), ("bf16", True, 4))
 
-    svc = TextService(KafkaSettings(), int8_text(TextEncoder()))
+
+def _candidate(
+    name: str,
+    svc: EncoderService,
+    samples: list[Sample],
+    ref: enc.Run,
+    fusion: FusionModel,
+    modality: Modality,
+) -> dict[str, Any]:
     with progress() as bar:
-        task = bar.add_task("text: served, int8 candidate", total=len(samples))
+        task = bar.add_task(f"{name}: served, candidate", total=len(samples))
         srv = enc.served(svc, samples, lambda k: bar.advance(task, k))
     return {
-        "int8": {
-            "served_events_per_s": srv.rate,
-            "ratio": srv.rate / ref.rate if ref.rate else 0.0,
-            "guard": f1_guard(models.fusion, "text", samples, ref, srv),
-            "in_service": TEXT_INT8,
-        }
+        "served_events_per_s": srv.rate,
+        "ratio": srv.rate / ref.rate if ref.rate else 0.0,
+        "guard": f1_guard(fusion, modality, samples, ref, srv),
     }
+
+
+def _variants(
+    models: Models, runs: dict[str, tuple[enc.Run, enc.Run]], pools: dict[str, list[Sample]]
+) -> dict[str, dict[str, Any]]:
+    """Every serving variant of text and image (``services.speedups``) as a candidate beside
+    the served one: its rate, ratio and macro-F1 guard against the same fp32 reference, and
+    whether it is the one in service (``configs/services.json`` -> ``serving``)."""
+    from models.text import TextEncoder
+    from models.vision import VisionEncoder
+    from services.speedups import serve_text, serve_vision
+
+    out: dict[str, dict[str, Any]] = {"text": {}, "image": {}}
+    none = KafkaSettings()
+    for p in TEXT_CANDIDATES:
+        svc: EncoderService = TextService(none, serve_text(TextEncoder(), p))
+        row = _candidate(
+            f"text {p}", svc, pools[topics.TEXT], runs["text"][0], models.fusion, "text"
+        )
+        row["in_service"] = svc.encoder.serving == models.text.serving
+        out["text"][svc.encoder.serving] = row
+        del svc
+    for prec, jit, chunk in IMAGE_CANDIDATES:
+        svc = VisionService(none, serve_vision(VisionEncoder(), prec, jit, chunk))
+        row = _candidate(
+            f"image {prec}{' jit' if jit else ''}",
+            svc,
+            pools[topics.FRAMES],
+            runs["image"][0],
+            models.fusion,
+            "image",
+        )
+        row["in_service"] = svc.encoder.serving == models.vision.serving
+        out["image"][svc.encoder.serving] = row
+        del svc
+    return out
 
 
 def _end_to_end(

@@ -44,6 +44,7 @@ def gemm_peak(seconds_per_size: float = 0.5) -> dict[str, Any]:
     with this process's torch thread count."""
     gen = torch.Generator().manual_seed(0)
     fp32: dict[str, float] = {}
+    bf16: dict[str, float] = {}
     int_mm: dict[str, float] = {}
     qlinear: dict[str, float] = {}
     for n in GEMM_SIZES:
@@ -51,6 +52,8 @@ def gemm_peak(seconds_per_size: float = 0.5) -> dict[str, Any]:
         a = torch.randn(n, n, generator=gen)
         b = torch.randn(n, n, generator=gen)
         fp32[str(n)] = _rate(lambda a=a, b=b: torch.matmul(a, b), flops, seconds_per_size)
+        ha, hb = a.bfloat16(), b.bfloat16()
+        bf16[str(n)] = _rate(lambda a=ha, b=hb: torch.matmul(a, b), flops, seconds_per_size)
         qa = torch.randint(-128, 127, (n, n), dtype=torch.int8, generator=gen)
         qb = torch.randint(-128, 127, (n, n), dtype=torch.int8, generator=gen)
         int_mm[str(n)] = _rate(lambda a=qa, b=qb: torch._int_mm(a, b), flops, seconds_per_size)
@@ -61,7 +64,11 @@ def gemm_peak(seconds_per_size: float = 0.5) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "fp32_peak_flops": max(fp32.values()),
         "int8_peak_ops": max(*int_mm.values(), *qlinear.values()),
+        # bf16 (oneDNN; AMX tiles or AVX512-BF16 where the CPU has them): the peak of
+        # encoders served in bf16 (configs/services.json -> serving).
+        "bf16_peak_flops": max(bf16.values()),
         "fp32_by_size": fp32,
+        "bf16_by_size": bf16,
         "int8_int_mm_by_size": int_mm,
         "int8_dynamic_linear_by_size": qlinear,
     }

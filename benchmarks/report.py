@@ -67,7 +67,9 @@ def print_summary(r: dict[str, Any]) -> None:
             "ratio",
             "FLOP/s (G)",
             "% fp32 peak",
+            "% bf16 peak",
             "% int8 peak",
+            "serving",
         ),
     )
     for name in ("text", "image", "audio"):
@@ -80,19 +82,27 @@ def print_summary(r: dict[str, Any]) -> None:
             _f(v["ratio"], ".2f") + "x",
             _f(g.get("achieved_flops", 0) / 1e9),
             _f(100 * g.get("share_of_fp32_peak", 0)),
+            _f(100 * g.get("share_of_bf16_peak", 0)),
             _f(100 * g.get("share_of_int8_peak", 0)),
+            str(g.get("serving", "-")),
         )
     console.print(t)
-    i8 = r["text"].get("variants", {}).get("int8")
-    if i8:
-        console.print(
-            f"text int8 candidate: {i8['served_events_per_s']:.1f}/s ({i8['ratio']:.2f}x naive), "
-            f"macro-F1 lost {i8['guard']['lost_points']:.2f} points, label agreement "
-            f"{i8['guard']['label_agreement']:.3f}; in service: {i8['in_service']}"
-        )
+    c = _table(
+        "serving variants (configs/services.json -> serving), each against the fp32 naive path",
+        ("variant", "served / s", "ratio", "macro-F1 lost", "agreement", "in service"),
+    )
+    for name in ("text", "image"):
+        for variant, v in r[name].get("variants", {}).items():
+            c.add_row(
+                variant, _f(v["served_events_per_s"]), _f(v["ratio"], ".2f") + "x",
+                _f(v["guard"]["lost_points"], ".2f"), _f(v["guard"]["label_agreement"], ".3f"),
+                "yes" if v["in_service"] else "",
+            )  # fmt: skip
+    console.print(c)
     gm = r["gemm"]
     console.print(
         f"GEMM peak ({gm['threads']} threads): fp32 {gm['fp32_peak_flops'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {gm.get('bf16_peak_flops', 0) / 1e9:.1f} GFLOP/s, "
         f"int8 {gm['int8_peak_ops'] / 1e9:.1f} GOP/s; Whisper "
         f"{r['audio']['realtime_factor']:.1f}x real time on {r['audio']['n']} calls of "
         f"{r['audio']['mean_call_seconds']:.1f} s"
@@ -176,7 +186,10 @@ def markdown(r: dict[str, Any], name: str) -> str:
     enc = gm["encoders"]
 
     def share(k: str) -> str:
-        return f"{100 * enc[k]['share_of_fp32_peak']:.1f}% of fp32 peak"
+        fp32 = f"{100 * enc[k]['share_of_fp32_peak']:.1f}% of fp32 peak"
+        if "bf16" in str(enc[k].get("serving", "")):  # served in bf16: its own peak too
+            return f"{fp32}, {100 * enc[k]['share_of_bf16_peak']:.1f}% of bf16 peak"
+        return fp32
 
     rows = [
         (
@@ -193,7 +206,7 @@ def markdown(r: dict[str, Any], name: str) -> str:
         ),
         (
             "GEMM peak",
-            f"fp32 {gm['fp32_peak_flops'] / 1e9:.1f} GFLOP/s, int8 {gm['int8_peak_ops'] / 1e9:.1f} GOP/s ({gm['threads']} threads)",
+            f"fp32 {gm['fp32_peak_flops'] / 1e9:.1f} GFLOP/s, bf16 {gm.get('bf16_peak_flops', 0) / 1e9:.1f} GFLOP/s, int8 {gm['int8_peak_ops'] / 1e9:.1f} GOP/s ({gm['threads']} threads)",
         ),
         (
             "quality guard (macro-F1 lost, served vs fp32)",

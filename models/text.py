@@ -45,14 +45,18 @@ class MiniLM:
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).eval()
         self.max_length = max_length
+        self.precision = "fp32"  # set by services.speedups.serve_text for the served path
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
         """One forward pass for the batch; (n, 384) float32 unit vectors."""
+        from services.speedups import autocast
+
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        hidden = self.model(**batch).last_hidden_state
+        with autocast(self.precision):
+            hidden = self.model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
@@ -107,6 +111,9 @@ class TextEncoder:
         kind = encoder or sel["encoder"]
         self.kind = kind
         self.finetuned: Any = None
+        # The served precision of the torch encoders (services.speedups.serve_text); None:
+        # fp32 as loaded (training, evaluation tables, the bench's naive reference).
+        self.serving: str | None = None
         if kind == FINETUNED_E5:
             from models.text_e5ft import FineTunedE5
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.finetune_text import ARTIFACTS, load_classifier, tokenize
+from models.e5_convert import PASSAGE
+from models.finetune_text import ARTIFACTS, load_classifier
 
 
 def artifact_version(path: Path) -> str:
@@ -45,22 +46,37 @@ class FineTunedE5:
         # The length the method was trained and chosen on (validation scored the same way).
         self.max_length = cfg.max_length
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
+        self.precision = "fp32"  # set by services.speedups.serve_text for the served path
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """(n, 384) float32 unit vectors of already-cleaned texts.
 
-        Tokenised once; texts are sorted by length so each batch pads to a similar length.
+        The whole batch is tokenised once (no padding), sorted by token count and run in
+        chunks of ``batch_size`` padded only to their own longest text. ``precision``
+        (``services.speedups.serve_text``) is fp32 as loaded, or bf16 / int8 when served.
         """
+        from services.speedups import autocast
+
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        with self._lock:
+        ids = self.tokenizer(
+            [PASSAGE + t for t in texts], truncation=True, max_length=self.max_length
+        )["input_ids"]
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        pad = int(self.tokenizer.pad_token_id)
+        with self._lock, autocast(self.precision):
             for i in range(0, len(texts), batch_size):
                 idx = order[i : i + batch_size]
-                batch = tokenize(self.tokenizer, [texts[j] for j in idx], self.max_length)
-                out[idx] = self.model.embed(**batch).numpy()
+                width = max(len(ids[j]) for j in idx)
+                input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, j in enumerate(idx):
+                    input_ids[row, : len(ids[j])] = torch.tensor(ids[j])
+                    mask[row, : len(ids[j])] = 1
+                vecs = self.model.embed(input_ids=input_ids, attention_mask=mask)
+                out[idx] = vecs.float().numpy()
         return out
 
     @torch.inference_mode()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,6 +207,17 @@ def pooled(model: Any, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+class _Pooled(nn.Module):
+    """The pooled-feature forward as a module (what TorchScript traces)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pooled(self.model, x)
+
+
 def selection() -> dict[str, Any]:
     """This modality's entry of ``configs/models.json``."""
     raw = json.loads((CONFIG_DIR / "models.json").read_text(encoding="utf-8"))
@@ -257,6 +269,43 @@ class VisionEncoder:
             self.references = CameraReferences(ReferenceBounds.from_config())
             self.version += "+camref"
         self.dim = 2 * 1280 if relative else 1280
+        # Serving form (services.speedups.serve_vision): fp32 eager as loaded (None).
+        self.serving: str | None = None
+        self.precision = "fp32"
+        self.graph: Any = None  # frozen TorchScript of the pooled feature, when served so
+        self.chunk = 0  # frames per forward pass (0: the whole batch at once)
+
+    def set_serving(self, precision: str, jit: bool, chunk: int) -> None:
+        """Run the pooled feature in ``precision`` (fp32 / bf16 autocast), as a frozen
+        TorchScript graph if ``jit`` (BatchNorm folded into the convolutions, oneDNN
+        fusions), ``chunk`` frames per pass (their activations stay in the CPU caches)."""
+        from services.speedups import autocast
+
+        self.precision, self.chunk = precision, max(0, chunk)
+        if jit:
+            dummy = torch.zeros(2, 3, self.size, self.size).contiguous(
+                memory_format=torch.channels_last
+            )
+            with torch.no_grad(), autocast(precision), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # jit's deprecation notices
+                traced = torch.jit.trace(_Pooled(self.model), dummy)
+                self.graph = torch.jit.freeze(traced.eval())
+                for _ in range(2):  # the profiling executor specialises on the first calls
+                    self.graph(dummy)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 pooled features (n, 1280) of preprocessed frames, in the serving form."""
+        from services.speedups import autocast
+
+        step = self.chunk or max(1, x.shape[0])
+        outs = []
+        with autocast(self.precision):
+            for i in range(0, x.shape[0], step):
+                part = x[i : i + step]
+                outs.append(
+                    self.graph(part) if self.graph is not None else pooled(self.model, part)
+                )
+        return torch.cat(outs).float()
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Resize (shorter side) and centre-crop to 224, scale to [-1, 1]."""
@@ -265,7 +314,7 @@ class VisionEncoder:
     @torch.inference_mode()
     def forward(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """One forward pass: (normalised features (n,1280), ImageNet logits (n,1000))."""
-        feats = pooled(self.model, self.preprocess(images))
+        feats = self.features(self.preprocess(images))
         logits = self.imagenet(feats)
         return torch.nn.functional.normalize(feats, dim=-1).numpy(), logits.numpy()
 
@@ -274,7 +323,7 @@ class VisionEncoder:
         """(normalised features (n,1280), label probabilities (n, labels)) from the artifact."""
         if self.task_head is None:
             raise ValueError("the frozen base has no label classifier")
-        feats = pooled(self.model, self.preprocess(images))
+        feats = self.features(self.preprocess(images))
         probs = torch.softmax(self.task_head(feats), -1)
         return torch.nn.functional.normalize(feats, dim=-1).numpy(), probs.numpy()
 

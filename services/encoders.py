@@ -15,7 +15,7 @@ from models.images import ImageLimits, decode_image
 from models.speech import SpeechEncoder
 from models.text import TextEncoder
 from services.base import BatchService, Output
-from services.speedups import decode_all
+from services.speedups import decode_all, serve_text, serve_vision
 from streams import topics
 from streams.clients import KafkaSettings
 from streams.correlation import routing_keys
@@ -138,12 +138,18 @@ class EncoderService(BatchService):
 
 
 class TextService(EncoderService):
-    """Citizen text reports → MiniLM embeddings."""
+    """Citizen text reports → text-view embeddings (the encoder put in its served precision,
+    ``configs/services.json`` → ``serving``)."""
 
     name = "text"
     input_topics = (topics.TEXT,)
     modality: Modality = "text"
     schema = TextReport
+
+    def __init__(
+        self, settings: KafkaSettings, encoder: Any, stop: threading.Event | None = None, **kw: Any
+    ) -> None:
+        super().__init__(settings, serve_text(encoder), stop, **kw)
 
     def decode(self, event: TextReport) -> str:
         return event.text
@@ -157,6 +163,11 @@ class VisionService(EncoderService):
     modality: Modality = "image"
     schema = CameraFrame
     limits = ImageLimits()
+
+    def __init__(
+        self, settings: KafkaSettings, encoder: Any, stop: threading.Event | None = None, **kw: Any
+    ) -> None:
+        super().__init__(settings, serve_vision(encoder), stop, **kw)
 
     def decode(self, event: CameraFrame) -> Any:
         # The camera id travels with the frame: the encoder judges each frame against its
@@ -187,7 +198,7 @@ class SpeechService(EncoderService):
         **kw: Any,
     ) -> None:
         super().__init__(settings, speech, stop, **kw)
-        self.text = text
+        self.text = serve_text(text)  # transcripts' vectors: the same served text view
 
     @property
     def encoder_ref(self) -> EncoderRef:

@@ -1,15 +1,27 @@
-"""Serving-path speed-ups the encoder services apply (measured by ``cityfuse bench``).
+"""Serving-path speed-ups the encoder services apply (each measured by ``cityfuse bench``).
+
+One place for every switch; the choices live in ``configs/services.json`` → ``serving``
+(:class:`streams.settings.Serving`), and ``bench.json`` → ``serving`` records what ran.
 
 * ``decode_all``: validation and bounded decoding of a micro-batch on a small thread pool.
   JPEG/PNG decoding (Pillow) and audio decoding (PyAV) release the GIL, so records decode in
   parallel instead of one after another before the forward pass.
-* ``int8_text``: int8 dynamic quantisation of the Linear layers of the text view's torch
-  encoders (MiniLM, or the fine-tuned e5), served only when the bench's macro-F1 guard
-  (served vs fp32 reference) holds; ``TEXT_INT8`` is the switch.
+* ``serve_text``: the text view's torch encoders (fine-tuned e5, or MiniLM of the frozen
+  views) in bf16 (bf16 Linear weights under CPU autocast: the matmuls run on AMX /
+  AVX512-BF16, LayerNorm, softmax, pooling and L2 stay fp32) or int8 (dynamic int8 Linear
+  layers). Texts are tokenised once per batch, sorted by token count and padded per chunk
+  (``models.text_e5ft``).
+* ``serve_vision``: EfficientNet-Lite0 in bf16 autocast, optionally as a frozen TorchScript
+  graph (BatchNorm folded into the convolutions, oneDNN fusions), run a few frames at a time.
+
+The encoder ``version`` strings are not changed: they name the weights the fusion head was
+trained on (its door compares them exactly); the precision is a serving choice held to the
+bench's guard (served macro-F1 within 1 point of the fp32 reference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,9 +37,7 @@ T = TypeVar("T")
 
 # One worker per core: decoding is CPU work, more threads would only queue.
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
-# Off: on this machine int8 MiniLM cut the text view's time but moved its vectors
-# (min cosine 0.87 to fp32 on validation reports); see docs/performance.md.
-TEXT_INT8 = False
+PRECISIONS = ("fp32", "bf16", "int8")
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -54,6 +64,28 @@ def decode_all(read: Callable[[T], R], items: Sequence[T]) -> list[R | RejectedI
     return list(_executor().map(safe, items))
 
 
+# --- precision ---------------------------------------------------------------------------
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16); elsewhere
+    oneDNN emulates bf16 and it is slower than fp32."""
+    cpu: Any = torch.cpu
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:  # an older torch without the probes
+        return False
+
+
+def resolve(precision: str) -> str:
+    """``auto`` -> ``bf16`` on a CPU with native bf16, else ``fp32``; others unchanged."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
 def int8_linears(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` with its Linear layers int8 dynamic-quantised (weights int8, activations
     quantised per batch)."""
@@ -62,16 +94,93 @@ def int8_linears(module: torch.nn.Module) -> torch.nn.Module:
         return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def int8_text(encoder: Any) -> Any:
-    """Quantise the text view's torch encoders in place (once); ``version`` says ``+int8``."""
-    if getattr(encoder, "_int8", False):
+def bf16_linears(module: torch.nn.Module) -> torch.nn.Module:
+    """Cast the weights and biases of every Linear layer to bf16 in place (run the module
+    under :func:`autocast`: inputs are cast per call, the weights once here)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.to(torch.bfloat16)
+    return module
+
+
+def with_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """``module`` prepared for ``precision`` (fp32: unchanged; bf16: bf16 Linear weights;
+    int8: dynamic int8 Linear layers)."""
+    if precision == "bf16":
+        return bf16_linears(module)
+    if precision == "int8":
+        return int8_linears(module)
+    return module
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """CPU bf16 autocast for ``bf16``; a no-op otherwise."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- per service ---------------------------------------------------------------------------
+
+
+def _serving() -> Any:
+    from streams.settings import defaults
+
+    return defaults().serving
+
+
+def serve_text(encoder: Any, precision: str | None = None) -> Any:
+    """Put the text view's torch encoders in the served precision (``configs/services.json``
+    → ``serving.text_precision`` unless given), once; ``encoder.serving`` names it.
+
+    An encoder already prepared is returned as it is (a service given an encoder served
+    explicitly, e.g. a bench candidate, keeps it); asking for another precision is an error."""
+    done = getattr(encoder, "serving", None)
+    if done is not None and precision is None:
         return encoder
+    want = resolve(precision or _serving().text_precision)
+    if done is not None:
+        if done != f"text-{want}":
+            raise ValueError(f"text encoder already served as {done}, not {want}")
+        return encoder
+    finetuned = getattr(encoder, "finetuned", None)
+    if finetuned is not None:  # the BERT encoder only: the label head is not on this path
+        finetuned.model.encoder = with_precision(finetuned.model.encoder, want)
+        finetuned.precision = want
     minilm = getattr(encoder, "minilm", None)
     if minilm is not None:
-        minilm.model = int8_linears(minilm.model)
-    finetuned = getattr(encoder, "finetuned", None)
-    if finetuned is not None:
-        finetuned.model = int8_linears(finetuned.model)
-    encoder.version = f"{encoder.version}+int8"
-    encoder._int8 = True
+        minilm.model = with_precision(minilm.model, want)
+        minilm.precision = want
+    encoder.serving = f"text-{want}"
     return encoder
+
+
+def serve_vision(
+    encoder: Any, precision: str | None = None, jit: bool | None = None, chunk: int | None = None
+) -> Any:
+    """Put EfficientNet in the served precision / graph form (``serving.image_*`` unless
+    given), once; as :func:`serve_text`, an encoder already prepared is kept."""
+    done = getattr(encoder, "serving", None)
+    if done is not None and precision is None and jit is None and chunk is None:
+        return encoder
+    cfg = _serving()
+    want = resolve(precision or cfg.image_precision)
+    use_jit = cfg.image_jit if jit is None else jit
+    size = chunk or cfg.image_chunk
+    name = f"image-{want}{'-jit' if use_jit else ''}-chunk{size}"
+    if done is not None:
+        if done != name:
+            raise ValueError(f"vision encoder already served as {done}, not {name}")
+        return encoder
+    encoder.set_serving(want, use_jit, size)
+    encoder.serving = name
+    return encoder
+
+
+def describe(**encoders: Any) -> dict[str, Any]:
+    """What the served encoders run (for ``bench.json``): the ``serving`` config and, per
+    modality, the variant (``serving``) or, for encoders without one, their version."""
+    out: dict[str, Any] = {"config": _serving().model_dump(), "native_bf16": native_bf16()}
+    for modality, e in encoders.items():
+        out[modality] = getattr(e, "serving", None) or getattr(e, "version", "as loaded")
+    return out

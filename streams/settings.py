@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -90,6 +91,23 @@ class Learn(BaseModel):
     model_dir: str
 
 
+class Serving(BaseModel):
+    """How the encoder services run their forward passes (``services/speedups.py``; each
+    variant is measured with its quality guard by ``cityfuse bench``, docs/performance.md).
+
+    ``auto`` picks bf16 where the CPU has native bf16 (AMX or AVX512-BF16), else fp32."""
+
+    # Text view (fine-tuned e5 or MiniLM): bf16 = bf16 Linear weights under CPU autocast
+    # (LayerNorm, softmax and pooling stay fp32); int8 = dynamic int8 Linear layers.
+    text_precision: Literal["auto", "fp32", "bf16", "int8"]
+    # EfficientNet-Lite0: bf16 autocast; jit = a frozen TorchScript graph (BatchNorm folded
+    # into the convolutions); frames go through it ``image_chunk`` at a time (activations
+    # of a few 224 px frames stay in cache, a whole micro-batch's do not).
+    image_precision: Literal["auto", "fp32", "bf16"]
+    image_jit: bool
+    image_chunk: int
+
+
 class ServiceDefaults(BaseModel):
     """Everything in ``configs/services.json``."""
 
@@ -99,6 +117,7 @@ class ServiceDefaults(BaseModel):
     limits: Limits
     dashboard: Dashboard
     learn: Learn
+    serving: Serving
 
 
 @lru_cache(maxsize=1)
