@@ -24,6 +24,7 @@ from benchmarks.flops import count_flops, gemm_peak
 from benchmarks.quality import f1_guard, wer_per_voice
 from benchmarks.report import goals, plot_load, print_summary
 from benchmarks.samples import Sample, call_samples, image_samples, records, text_samples
+from benchmarks.wer import wer
 from models.fusion import FusionModel
 from services.encoders import EncoderService, SpeechService, TextService, VisionService
 from services.runtime import Models
@@ -206,6 +207,7 @@ def run_bench(
     variants = _variants(models, runs, pools)
     result["text"]["variants"] = variants["text"]
     result["image"]["variants"] = variants["image"]
+    result["audio"]["variants"] = variants["audio"]
     from benchmarks.stages import broker_rate, fusion_rate
 
     with console.status("fusion and broker stages"):
@@ -232,6 +234,7 @@ def run_bench(
 
 TEXT_CANDIDATES = ("fp32", "bf16", "int8")
 IMAGE_CANDIDATES = (("fp32", False, 0), ("fp32", True, 4), ("bf16", False, 4), ("bf16", True, 4))
+AUDIO_CANDIDATES = ("fp32", "bf16")
 
 
 def _candidate(
@@ -245,24 +248,35 @@ def _candidate(
     with progress() as bar:
         task = bar.add_task(f"{name}: served, candidate", total=len(samples))
         srv = enc.served(svc, samples, lambda k: bar.advance(task, k))
-    return {
+    row = {
         "served_events_per_s": srv.rate,
         "ratio": srv.rate / ref.rate if ref.rate else 0.0,
         "guard": f1_guard(fusion, modality, samples, ref, srv),
     }
+    if modality == "audio":
+        row["realtime_factor"] = sum(s.seconds or 0.0 for s in samples) / srv.seconds
+        row["served_wer"] = wer(
+            [
+                (s.transcript or "", (o.transcript or "") if o is not None else "")
+                for s, o in zip(samples, srv.outputs, strict=True)
+            ]
+        )
+    return row
 
 
 def _variants(
     models: Models, runs: dict[str, tuple[enc.Run, enc.Run]], pools: dict[str, list[Sample]]
 ) -> dict[str, dict[str, Any]]:
-    """Every serving variant of text and image (``services.speedups``) as a candidate beside
-    the served one: its rate, ratio and macro-F1 guard against the same fp32 reference, and
-    whether it is the one in service (``configs/services.json`` -> ``serving``)."""
+    """Every serving variant of text, image and the Whisper encoder (``services.speedups``)
+    as a candidate beside the served one: its rate, ratio and macro-F1 guard against the same
+    fp32 reference (for calls also the real-time factor and WER), and whether it is the one
+    in service (``configs/services.json`` -> ``serving``)."""
+    from models.speech import SpeechEncoder
     from models.text import TextEncoder
     from models.vision import VisionEncoder
-    from services.speedups import serve_text, serve_vision
+    from services.speedups import serve_speech, serve_text, serve_vision
 
-    out: dict[str, dict[str, Any]] = {"text": {}, "image": {}}
+    out: dict[str, dict[str, Any]] = {"text": {}, "image": {}, "audio": {}}
     none = KafkaSettings()
     for p in TEXT_CANDIDATES:
         svc: EncoderService = TextService(none, serve_text(TextEncoder(), p))
@@ -284,6 +298,13 @@ def _variants(
         )
         row["in_service"] = svc.encoder.serving == models.vision.serving
         out["image"][svc.encoder.serving] = row
+        del svc
+    for p in AUDIO_CANDIDATES:
+        svc = SpeechService(none, serve_speech(SpeechEncoder(), p), models.text)
+        calls = pools[topics.CALLS]
+        row = _candidate(f"audio {p}", svc, calls, runs["audio"][0], models.fusion, "audio")
+        row["in_service"] = svc.encoder.serving == models.speech.serving
+        out["audio"][svc.encoder.serving] = row
         del svc
     return out
 

@@ -91,7 +91,7 @@ def print_summary(r: dict[str, Any]) -> None:
         "serving variants (configs/services.json -> serving), each against the fp32 naive path",
         ("variant", "served / s", "ratio", "macro-F1 lost", "agreement", "in service"),
     )
-    for name in ("text", "image"):
+    for name in ("text", "image", "audio"):
         for variant, v in r[name].get("variants", {}).items():
             c.add_row(
                 variant, _f(v["served_events_per_s"]), _f(v["ratio"], ".2f") + "x",

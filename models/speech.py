@@ -80,6 +80,10 @@ class SpeechEncoder:
         self.version = version
         self.dim: int = self.model.dims.n_audio_state
         self.tokenizer = wi.english_tokenizer(self.model)
+        # The encoder's serving precision (services.speedups.serve_speech; fp32 as loaded):
+        # bf16 runs the encoder under CPU autocast, features come back fp32.
+        self.precision = "fp32"
+        self.serving: str | None = None
 
     def context_for(self, n_samples: int) -> int:
         """Encoder frames a clip of ``n_samples`` is encoded with."""
@@ -95,6 +99,8 @@ class SpeechEncoder:
         Returns ``(embeddings, transcripts)``: (n, dim) float32 unit vectors, the mean of the
         encoder frames that cover real audio, and the stripped greedy transcript of each clip.
         """
+        from services.speedups import autocast
+
         embeddings = np.zeros((len(audios), self.dim), dtype=np.float32)
         transcripts = [""] * len(audios)
         groups: dict[int, list[int]] = {}
@@ -102,7 +108,9 @@ class SpeechEncoder:
             groups.setdefault(self.context_for(len(a)), []).append(i)
         for ctx, rows in groups.items():
             part = [np.asarray(audios[i], dtype=np.float32) for i in rows]
-            feats = wi.encode(self.model, wi.log_mel(part, self.model.dims.n_mels), ctx)
+            mel = wi.log_mel(part, self.model.dims.n_mels)
+            with autocast(self.precision):
+                feats = wi.encode(self.model, mel, ctx).float()
             pooled = wi.pool(feats, [wi.frames_for(len(a)) for a in part])
             embeddings[rows] = nn.functional.normalize(pooled, dim=-1).numpy()
             cap = wi.max_tokens_for(max(map(len, part)))

@@ -15,7 +15,13 @@ from models.images import ImageLimits, decode_image
 from models.speech import SpeechEncoder
 from models.text import TextEncoder
 from services.base import BatchService, Output
-from services.speedups import decode_all, serve_text, serve_vision
+from services.speedups import (
+    decode_all,
+    forward_pass,
+    serve_speech,
+    serve_text,
+    serve_vision,
+)
 from streams import topics
 from streams.clients import KafkaSettings
 from streams.correlation import routing_keys
@@ -113,7 +119,8 @@ class EncoderService(BatchService):
                 good.append((rec, *read))
         if not good:
             return outs
-        results = self.embed_bisect([g[2] for g in good])
+        with forward_pass():
+            results = self.embed_bisect([g[2] for g in good])
         for (rec, event, _), fields in zip(good, results, strict=True):
             if isinstance(fields, RejectedInput):
                 outs.append(self.reject(fields, rec))
@@ -197,7 +204,7 @@ class SpeechService(EncoderService):
         stop: threading.Event | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(settings, speech, stop, **kw)
+        super().__init__(settings, serve_speech(speech), stop, **kw)
         self.text = serve_text(text)  # transcripts' vectors: the same served text view
 
     @property

@@ -11,6 +11,9 @@ One place for every switch; the choices live in ``configs/services.json`` → ``
   AVX512-BF16, LayerNorm, softmax, pooling and L2 stay fp32) or int8 (dynamic int8 Linear
   layers). Texts are tokenised once per batch, sorted by token count and padded per chunk
   (``models.text_e5ft``).
+* ``serve_speech``: Whisper's encoder (the call embedding and the decoder's cross-attention
+  input) in bf16 autocast; the decoder stays as selected (int8 in ``configs/models.json``).
+* ``forward_pass``: optionally one encoder forward pass at a time per process.
 * ``serve_vision``: EfficientNet-Lite0 in bf16 autocast, optionally as a frozen TorchScript
   graph (BatchNorm folded into the convolutions, oneDNN fusions), run a few frames at a time.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +124,14 @@ def autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+_FORWARD = threading.Lock()
+
+
+def forward_pass() -> contextlib.AbstractContextManager[Any]:
+    """The process-wide forward-pass lock when ``serving.forward_lock`` is on, else a no-op."""
+    return _FORWARD if _serving().forward_lock else contextlib.nullcontext()
+
+
 # --- per service ---------------------------------------------------------------------------
 
 
@@ -174,6 +186,26 @@ def serve_vision(
         return encoder
     encoder.set_serving(want, use_jit, size)
     encoder.serving = name
+    return encoder
+
+
+def serve_speech(encoder: Any, precision: str | None = None) -> Any:
+    """Run Whisper's encoder in the served precision (``serving.audio_encoder_precision``
+    unless given), once. The decoder keeps its model-selection form (``configs/models.json``
+    → ``audio.int8_decoder``); int8 dynamic Linear layers take fp32 inputs, so autocast
+    covers the encoder only."""
+    done = getattr(encoder, "serving", None)
+    if done is not None and precision is None:
+        return encoder
+    want = resolve(precision or _serving().audio_encoder_precision)
+    if want == "int8":
+        raise ValueError("the Whisper encoder makes the call embedding: fp32 or bf16 only")
+    if done is not None:
+        if done != f"audio-encoder-{want}":
+            raise ValueError(f"speech encoder already served as {done}, not {want}")
+        return encoder
+    encoder.precision = want
+    encoder.serving = f"audio-encoder-{want}"
     return encoder
 
 

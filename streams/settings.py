@@ -106,6 +106,12 @@ class Serving(BaseModel):
     image_precision: Literal["auto", "fp32", "bf16"]
     image_jit: bool
     image_chunk: int
+    # Whisper's encoder (the call embedding; the decoder reads its output): bf16 autocast.
+    audio_encoder_precision: Literal["auto", "fp32", "bf16"]
+    # One encoder forward pass at a time per process (services sharing a process, e.g.
+    # ``serve all`` or the bench's pipeline, otherwise run their OpenMP teams side by side
+    # and each waits at barriers for threads the other one holds).
+    forward_lock: bool
 
 
 class ServiceDefaults(BaseModel):
