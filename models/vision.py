@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from streams.taxonomy import CONFIG_DIR, label_names
 
 if TYPE_CHECKING:
     import polars as pl
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
 METHODS = ("head", "top", "full", "bitfit", "lora", "ia3")
@@ -286,12 +289,16 @@ class VisionEncoder:
             dummy = torch.zeros(2, 3, self.size, self.size).contiguous(
                 memory_format=torch.channels_last
             )
-            with torch.no_grad(), autocast(precision), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # jit's deprecation notices
-                traced = torch.jit.trace(_Pooled(self.model), dummy)
-                self.graph = torch.jit.freeze(traced.eval())
-                for _ in range(2):  # the profiling executor specialises on the first calls
-                    self.graph(dummy)
+            try:
+                with torch.no_grad(), autocast(precision), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # jit's deprecation notices
+                    traced = torch.jit.trace(_Pooled(self.model), dummy)
+                    self.graph = torch.jit.freeze(traced.eval())
+                    for _ in range(2):  # the profiling executor specialises on first calls
+                        self.graph(dummy)
+            except Exception:  # TorchScript is deprecated upstream: eager still serves
+                log.warning("TorchScript graph of the vision encoder failed; eager", exc_info=True)
+                self.graph = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The fp32 pooled features (n, 1280) of preprocessed frames, in the serving form."""

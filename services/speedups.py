@@ -189,11 +189,12 @@ def serve_vision(
     size = chunk or cfg.image_chunk
     name = f"image-{want}{'-jit' if use_jit else ''}-chunk{size}"
     if done is not None:
-        if done != name:
+        if done not in (name, name.replace("-jit", "")):
             raise ValueError(f"vision encoder already served as {done}, not {name}")
         return encoder
     encoder.set_serving(want, use_jit, size)
-    encoder.serving = name
+    # Named by what runs: "-jit" only if the TorchScript graph was built.
+    encoder.serving = name if encoder.graph is not None or not use_jit else name.replace("-jit", "")
     return encoder
 
 
