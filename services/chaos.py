@@ -8,12 +8,17 @@ leave them. Afterwards the run is accounted for:
 * every input ends as an embedding or a dead letter;
 * each truth incident has exactly one alert id (after following ``supersedes``);
 * no (alert_id, version) is published twice with different content.
+
+Each process writes its log (``-v``: the Kafka client's joins, assignments and refused
+commits) to ``<workdir>/logs/<service>-<n>.log``, and ``logs/offsets.log`` samples every
+group's committed offsets every 5 s: a group that stops committing shows there.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kafka import KafkaAdminClient
 from rich.table import Table
 
 from services.eval_incidents import alerts_by_event
@@ -40,6 +46,50 @@ from streams.schemas import Alert
 _VOLATILE = ("emitted_ts",)
 # Settling gives up when neither inputs nor alerts moved for this long.
 STALL_S = 600.0
+
+
+class OffsetLog:
+    """Samples the services' committed group offsets into ``offsets.log`` every few seconds
+    (what a stalled member looks like from the broker's side)."""
+
+    GROUPS = ("cityfuse-text", "cityfuse-vision", "cityfuse-speech", "cityfuse-fusion")
+
+    def __init__(self, settings: KafkaSettings, path: Path, every_s: float = 5.0) -> None:
+        self.settings, self.path, self.every_s = settings, path, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="offset-log", daemon=True)
+
+    def _run(self) -> None:
+        admin = KafkaAdminClient(**self.settings.common())
+        t0 = time.monotonic()
+        try:
+            with self.path.open("a") as out:
+                while not self.stop.wait(self.every_s):
+                    parts = []
+                    for g in self.GROUPS:
+                        try:
+                            got = admin.list_group_offsets(g)
+                        except Exception as e:  # a broker hiccup must not end the run
+                            parts.append(f"{g}=error:{type(e).__name__}")
+                            continue
+                        offs = got.get(g, got) if isinstance(got, dict) else {}
+                        cells = ",".join(
+                            f"{tp.topic.rsplit('.', 1)[-1]}[{tp.partition}]={o.offset}"
+                            for tp, o in sorted(offs.items())
+                        )
+                        parts.append(f"{g.removeprefix('cityfuse-')} {cells}")
+                    out.write(f"{time.monotonic() - t0:7.1f}s  " + "  ".join(parts) + "\n")
+                    out.flush()
+        finally:
+            admin.close()
+
+    def start(self) -> OffsetLog:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
 
 
 class Proc:
@@ -58,7 +108,8 @@ class Proc:
     def start(self) -> Proc:
         """Launch (again); the log file is appended to."""
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "services.cli", "serve", self.service]
+        # -v: the client's own story (joins, assignments, commits refused) lands in the log.
+        cmd = [sys.executable, "-m", "services.cli", "-v", "serve", self.service]
         cmd += ["--bootstrap-servers", self.bootstrap]
         with self.log_path.open("ab") as log:
             log.write(f"\n--- start {self.starts} ---\n".encode())
@@ -151,17 +202,23 @@ def _plan(events: int, seed: int) -> ScatterPlan:
 
 
 def _schedule() -> list[tuple[float, str, str]]:
-    """(fraction of the replay, action, process) — each service killed in turn, two joiners."""
+    """(fraction of the replay, action, process) — each service killed in turn, two joiners.
+
+    ``kill`` restarts the process at once; ``crash`` restarts it only once the group has
+    rebalanced without it, so the survivor has become the group's leader. Each joiner then
+    leaves while the restarted instance rejoins: the leader departs *during* a rebalance,
+    the case that wedged Tansu groups for good before members stopped sending LeaveGroup
+    (streams/clients.py ``_never_leave_group``)."""
     return [
         (0.10, "kill", "fusion"),
         (0.20, "join", "fusion2"),
         (0.30, "kill", "text"),
         (0.40, "join", "vision2"),
-        (0.50, "kill", "vision"),
-        (0.60, "leave", "fusion2"),
+        (0.50, "crash", "vision"),
+        (0.50, "leave", "vision2"),
         (0.70, "kill", "speech"),
-        (0.80, "leave", "vision2"),
-        (0.90, "kill", "fusion"),
+        (0.90, "crash", "fusion"),
+        (0.90, "leave", "fusion2"),
     ]
 
 
@@ -172,8 +229,14 @@ def run_chaos(
     duration_s: float | None = None,
     settle_s: float = 3600.0,
     workdir: Path | None = None,
+    stall_s: float = STALL_S,
+    quiet_s: float = 10.0,
 ) -> ChaosReport:
-    """Run the scenario and account for every input (see the module docstring)."""
+    """Run the scenario and account for every input (see the module docstring).
+
+    ``settle_s`` bounds the wait for the backlog after the replay, ``stall_s`` gives up
+    earlier when nothing moves that long, and ``quiet_s`` is how long the alerts must stay
+    unchanged once every input is accounted for (pending timers, last versions)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="cityfuse-chaos-"))
     report = ChaosReport()
     t_start = time.monotonic()
@@ -190,6 +253,7 @@ def run_chaos(
         procs = {s: Proc(s, bs, logs, 1) for s in ("text", "vision", "speech", "fusion")}
         extra = {"fusion2": Proc("fusion", bs, logs, 2), "vision2": Proc("vision", bs, logs, 2)}
         collector = Collector(live, topics.EMBEDDINGS, topics.ALERTS, topics.DLQ).start()
+        offset_log = OffsetLog(live, logs / "offsets.log").start()
         try:
             with console.status("starting text, vision, speech and fusion processes"):
                 for p in procs.values():
@@ -197,12 +261,13 @@ def run_chaos(
                 _wait_serving(list(procs.values()), 600)
                 time.sleep(2 * live.session_timeout_ms / 1000)  # the group joins
             _replay_with_chaos(live, folder, procs, extra, report, duration_s or events / 8)
-            collector, settled = _settle(live, collector, truth, report, settle_s)
+            collector, settled = _settle(live, collector, truth, report, settle_s, stall_s, quiet_s)
             report.timed_out = not settled
         finally:
             for p in [*procs.values(), *extra.values()]:
                 p.stop()
             collector.close()
+            offset_log.close()
         _account(collector, truth, report)
     report.seconds = time.monotonic() - t_start
     return report
@@ -229,11 +294,14 @@ def _replay_with_chaos(
     duration_s: float,
 ) -> None:
     """Send the recording evenly over ``duration_s`` while a second thread works through the
-    schedule (an action waits for its share of the replay and for its target to be serving)."""
+    schedule. An action waits for its share of the replay and for its target to be serving;
+    the replay holds at that share until the action is done (its clock paused meanwhile), so
+    every action has the rest of the traffic after it, whatever the actions cost."""
     _, events = read_recording(folder)
-    sent = [0]
+    # sent: events sent so far; allowed: how many the replay may send before the next action.
+    sent, allowed = [0], [_threshold(_schedule()[0][0], len(events))]
     chaos = threading.Thread(
-        target=_chaos, args=(procs, extra, report, sent, len(events), live), daemon=True
+        target=_chaos, args=(procs, extra, report, sent, allowed, len(events), live), daemon=True
     )
     producer = make_producer(live)
     t0 = time.monotonic()
@@ -242,6 +310,10 @@ def _replay_with_chaos(
         with progress() as bar:
             task = bar.add_task("replay under chaos", total=len(events))
             for i, ev in enumerate(events):
+                held = time.monotonic()
+                while i >= allowed[0] and chaos.is_alive():
+                    time.sleep(0.1)
+                t0 += time.monotonic() - held
                 due = t0 + duration_s * i / len(events)
                 time.sleep(max(0.0, due - time.monotonic()))
                 msg = inline_media(ev.message, folder)
@@ -260,36 +332,76 @@ def _replay_with_chaos(
         chaos.join(1800)
 
 
+def _threshold(frac: float, total: int) -> int:
+    """How many events are sent before an action at ``frac`` of the replay."""
+    return max(1, math.ceil(frac * total))
+
+
 def _chaos(
     procs: dict[str, Proc],
     extra: dict[str, Proc],
     report: ChaosReport,
     sent: list[int],
+    allowed: list[int],
     total: int,
     live: KafkaSettings,
 ) -> None:
     t0 = time.monotonic()
     rebalance_s = 2 * live.session_timeout_ms / 1000
-    for frac, action, name in _schedule():
-        while sent[0] < frac * total:
-            time.sleep(0.1)
-        p = procs.get(name) or extra[name]
-        if action in ("kill", "leave"):
-            # Crash or leave a member that is really in the group, not one still loading.
-            _wait_serving([p], 900)
-        if action == "leave":
-            time.sleep(rebalance_s)  # it took partitions in the rebalance its join started
-        stamp = f"{time.monotonic() - t0:6.1f}s"
-        if action == "kill":
-            p.kill()
-            p.start()  # loads its models again; the group rebalances meanwhile
-            report.actions.append(f"{stamp} SIGKILL {p.name} (serving), restarted")
-        elif action == "join":
-            p.start()
-            report.actions.append(f"{stamp} {p.name} joins")
-        else:
-            code = p.stop()
-            report.actions.append(f"{stamp} {p.name} leaves (SIGTERM, exit {code})")
+    schedule = _schedule()
+    try:
+        for k, (frac, action, name) in enumerate(schedule):
+            while sent[0] < _threshold(frac, total):
+                time.sleep(0.1)
+            _act(procs, extra, report, action, name, rebalance_s, t0)
+            nxt = schedule[k + 1][0] if k + 1 < len(schedule) else None
+            allowed[0] = total if nxt is None else _threshold(nxt, total)
+    finally:
+        allowed[0] = total  # never leave the replay waiting for an action that failed
+
+
+def _act(
+    procs: dict[str, Proc],
+    extra: dict[str, Proc],
+    report: ChaosReport,
+    action: str,
+    name: str,
+    rebalance_s: float,
+    t0: float,
+) -> None:
+    """One action of the schedule (see :func:`_schedule`)."""
+    p = procs.get(name) or extra[name]
+    if action in ("kill", "crash", "leave"):
+        # Crash or leave a member that is really in the group, not one still loading.
+        _wait_serving([p], 900)
+    peer = procs[p.service]
+    if action == "leave" and peer is not p and peer.alive() and not peer.serving():
+        # A restarted peer is loading its models: leave during the rebalance its
+        # JoinGroup starts (the broker holds a JoinGroup about session_timeout/2).
+        _wait_serving([peer], 900)
+        time.sleep(1.0)
+    stamp = f"{time.monotonic() - t0:6.1f}s"
+    if action == "kill":
+        p.kill()
+        p.start()  # loads its models again; the group rebalances meanwhile
+        report.actions.append(f"{stamp} SIGKILL {p.name} (serving), restarted")
+    elif action == "crash":
+        p.kill()
+        # Evicted after the session timeout; the survivors rejoin and one of them leads.
+        time.sleep(rebalance_s)
+        p.start()
+        report.actions.append(
+            f"{stamp} SIGKILL {p.name} (serving), restarted after {rebalance_s:.0f}s"
+        )
+    elif action == "join":
+        p.start()
+        report.actions.append(f"{stamp} {p.name} joins")
+        # Scale-out is complete once it serves and holds partitions.
+        _wait_serving([p], 900)
+        time.sleep(rebalance_s)
+    else:
+        code = p.stop()
+        report.actions.append(f"{stamp} {p.name} leaves (SIGTERM, exit {code})")
 
 
 def _settle(
@@ -298,6 +410,8 @@ def _settle(
     truth: dict[str, Any],
     report: ChaosReport,
     timeout: float,
+    stall_s: float = STALL_S,
+    quiet_s: float = 10.0,
 ) -> tuple[Collector, bool]:
     """Wait until every input is an embedding or a dead letter and every truth incident has an
     alert, then for the alerts to stay quiet a few seconds (pending timers, last versions)."""
@@ -314,13 +428,13 @@ def _settle(
             seen = (len(collector.snapshot(topics.ALERTS)), report.embeddings + report.dead_letters)
             if seen != last:
                 last, quiet_since = seen, time.monotonic()
-            elif time.monotonic() - quiet_since > STALL_S:
+            elif time.monotonic() - quiet_since > stall_s:
                 return collector, False  # nothing moves any more: report what is missing
             status.update(
                 f"accounted {report.embeddings + report.dead_letters}/{report.inputs} inputs, "
                 f"{report.alerts} alerts; waiting"
             )
-            if done and time.monotonic() - quiet_since > 10:
+            if done and time.monotonic() - quiet_since > quiet_s:
                 return collector, True
             time.sleep(1.0)
     return collector, False

@@ -429,7 +429,10 @@ def learn(
 @click.option("--events", type=click.IntRange(min=20), default=2000, show_default=True)
 @click.option("--seed", type=int, default=5, show_default=True)
 @click.option(
-    "--duration", type=float, default=None, help="Seconds the replay lasts (default: events / 8)."
+    "--duration",
+    type=float,
+    default=None,
+    help="Seconds of sending (default: events / 8); the replay also holds while an action runs.",
 )
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("out/chaos.json"), show_default=True
