@@ -165,6 +165,7 @@ class ChaosReport:
     actions: list[str] = field(default_factory=list)
     seconds: float = 0.0
     timed_out: bool = False
+    workdir: str = ""  # the recording, and logs/ with each process's log and offsets.log
 
     @property
     def ok(self) -> bool:
@@ -238,7 +239,7 @@ def run_chaos(
     earlier when nothing moves that long, and ``quiet_s`` is how long the alerts must stay
     unchanged once every input is accounted for (pending timers, last versions)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="cityfuse-chaos-"))
-    report = ChaosReport()
+    report = ChaosReport(workdir=str(workdir))
     t_start = time.monotonic()
     with cluster(settings) as live:
         assert live.bootstrap_servers is not None
@@ -532,6 +533,8 @@ def print_report(report: ChaosReport) -> None:
     for a in report.actions:
         console.print(f"  {a}")
     console.print(summary_table(report))
+    if report.workdir:
+        console.print(f"process logs and group offsets: {report.workdir}/logs")
     verdict = (
         "[green]all inputs accounted for, one alert per incident" if report.ok else "[red]FAILED"
     )
