@@ -46,3 +46,33 @@ def test_wer_counts_edits() -> None:
     assert edit_distance(["a", "b", "c"], ["a", "x", "c", "d"]) == 2
     assert wer([("There is a fire, uh, on Main Street", "there is a fire on main street")]) == 0.0
     assert wer([("fire on main street", "fire in main")]) == 0.5
+
+
+def test_serving_variants_are_set_once() -> None:
+    """``services.speedups``: precision names, and an encoder is prepared once (a service
+    keeps an encoder a bench candidate prepared; another precision is an error)."""
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from services import speedups
+
+    assert speedups.resolve("fp32") == "fp32"
+    assert speedups.resolve("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError):
+        speedups.resolve("fp8")
+    bert = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    part = SimpleNamespace(model=SimpleNamespace(encoder=bert), precision="fp32")
+    enc = SimpleNamespace(finetuned=part, minilm=None, serving=None)
+    x = torch.randn(3, 8)
+    want = bert(x)
+    assert speedups.serve_text(enc, "bf16") is enc
+    assert enc.serving == "text-bf16" and part.precision == "bf16"
+    assert bert[0].weight.dtype == torch.bfloat16 and bert[1].weight.dtype == torch.float32
+    with speedups.autocast("bf16"):
+        got = bert(x).float()
+    assert torch.allclose(got, want, atol=0.1)
+    assert speedups.serve_text(enc) is enc  # kept as prepared
+    with pytest.raises(ValueError):
+        speedups.serve_text(enc, "int8")
