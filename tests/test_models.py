@@ -120,12 +120,29 @@ def test_fusion_head_labels_every_subset(models: Models) -> None:
         fusion.predict([])
 
 
-def test_converted_whisper_transcribes_a_bundled_clip(models: Models, data_dir: Path) -> None:
-    from models.audio import decode_audio
+CLIP = "audio/flood/flood_20_mbrola-us2.ogg"
+# Its spoken text (shared/data/audio/audio.csv).
+SPOKEN = (
+    "The river flooded the campground on Forest Road. "
+    "Some tents were washed away and people are missing."
+)
 
-    # The clip the demo used to bundle (the demo is now rebuilt from test groups).
-    clip = data_dir / "audio/flood/flood_20_mbrola-us2.ogg"
-    # Spoken text: "The river flooded the campground on Forest Road, ..." (shared/data/audio/audio.csv)
-    _, [text] = models.speech.encode([decode_audio(clip.read_bytes(), "audio/ogg")])
+
+def test_converted_whisper_transcribes_a_bundled_clip(data_dir: Path) -> None:
+    """The converted base weights (frozen, full 30-s window) read a clip word for word."""
+    from models.audio import decode_audio
+    from models.speech import SpeechConfig, SpeechEncoder
+
+    frozen = SpeechEncoder(config=SpeechConfig())
+    _, [text] = frozen.encode([decode_audio((data_dir / CLIP).read_bytes(), "audio/ogg")])
     words = set(text.lower().replace(",", " ").replace(".", " ").split())
     assert {"river", "flooded", "campground", "forest"} <= words, text
+
+
+def test_served_whisper_keeps_the_transcript_close(models: Models, data_dir: Path) -> None:
+    """The served variant (fine-tuned, trimmed context, int8 decoder) stays near the words."""
+    from benchmarks.wer import wer
+    from models.audio import decode_audio
+
+    _, [text] = models.speech.encode([decode_audio((data_dir / CLIP).read_bytes(), "audio/ogg")])
+    assert wer([(SPOKEN, text)]) <= 0.35, text
