@@ -112,6 +112,9 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
         test = data.get("test") if isinstance(data, dict) else None
         if isinstance(test, dict) and "macro_f1" in test:  # text: the default, scored once
             rows = [*rows, {**test, "split": "test", "default": True}]
+            # Earlier defaults scored on test stay on record (each scored once, when shipped).
+            for t in data.get("earlier_tests", []):
+                rows.append({**t, "method": f"{t['method']} (earlier default)", "split": "test"})
         elif isinstance(test, dict) and "scores" in test:  # vision: the best val artifact
             best = str(data.get("best_val", {}).get("artifact", "?"))
             method = best.removeprefix("vision_").removesuffix(".safetensors")
