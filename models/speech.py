@@ -49,6 +49,12 @@ def speech_config(path: Path = CONFIG_DIR / "models.json") -> SpeechConfig:
     return SpeechConfig(**raw)
 
 
+def call_version(speech_version: str, text_version: str) -> str:
+    """The encoder version a call's Embedding carries: Whisper's and the transcript's text
+    encoder's (both shape its vectors; the fusion head admits only what it trained on)."""
+    return f"{speech_version}+{text_version}"
+
+
 class SpeechEncoder:
     """Whisper on CPU, offline: bucketed encoder passes, greedy English decoding with a kv cache."""
 

@@ -341,14 +341,16 @@ def load_pools(
         },
     }
     if with_audio:
-        from models.speech import SpeechEncoder
+        from models.speech import SpeechEncoder, call_version
 
         adf = audio_table()
         # Clips whose voice or sentence is held out but not in val/test are never used:
         # transcribing them would cost more than half of the Whisper time for nothing.
         adf = adf.with_columns(three_way(adf, "audio")).filter(pl.col("split") != "unused")
         speech_enc = SpeechEncoder()
-        info["encoders"]["audio"] = speech_enc.version
+        info["encoders"]["audio"] = call_version(
+            speech_enc.version, getattr(text_enc, "version", "")
+        )
         emb = audio_embeddings(adf, speech_enc, text_enc)
         pools["audio"] = Pool(
             {"audio": emb["audio"], "transcript": emb["transcript_vec"]}, labels(adf)

@@ -12,7 +12,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from models.audio import AudioLimits, decode_audio
 from models.images import ImageLimits, decode_image
-from models.speech import SpeechEncoder
+from models.speech import SpeechEncoder, call_version
 from models.text import TextEncoder
 from services.base import BatchService, Output
 from services.speedups import (
@@ -210,7 +210,7 @@ class SpeechService(EncoderService):
     @property
     def encoder_ref(self) -> EncoderRef:
         return EncoderRef(
-            name=self.encoder.name, version=f"{self.encoder.version}+{self.text.version}"
+            name=self.encoder.name, version=call_version(self.encoder.version, self.text.version)
         )
 
     def decode(self, event: HotlineCall) -> np.ndarray:
