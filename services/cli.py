@@ -395,7 +395,12 @@ def dashboard(settings: KafkaSettings, host: str, port: int | None, token: str |
     default=None,
     help="Model folder for learned heads (default: $CITYFUSE_MODEL_DIR, else configs/services.json).",
 )
-@click.option("--steps", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    help="Update steps (default: configs/services.json learn.update, as measured).",
+)
 @click.option(
     "--text-cap",
     type=click.IntRange(min=1),
@@ -412,7 +417,7 @@ def dashboard(settings: KafkaSettings, host: str, port: int | None, token: str |
 def learn(
     settings: KafkaSettings,
     out: Path | None,
-    steps: int,
+    steps: int | None,
     text_cap: int | None,
     rehearse_audio: bool,
 ) -> None:
@@ -422,7 +427,8 @@ def learn(
 
     if settings.bootstrap_servers is None:
         raise click.UsageError("learn needs --bootstrap-servers (the cluster holding the feedback)")
-    do_learn(settings, out, LearnConfig(steps=steps), text_cap=text_cap, audio=rehearse_audio)
+    cfg = LearnConfig() if steps is None else LearnConfig(steps=steps)
+    do_learn(settings, out, cfg, text_cap=text_cap, audio=rehearse_audio)
 
 
 @cli.command()

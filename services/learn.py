@@ -155,17 +155,23 @@ def learn(
     if not found.examples:
         raise ValueError(f"no feedback incident has vectors this head reads ({found.skipped})")
     pools = rehearsal if rehearsal is not None else rehearsal_pools(text_cap, audio)
-    head = update_head(previous.head, found.examples, pools, cfg)
+    update: dict[str, Any] = {}
+    head = update_head(previous.head, found.examples, pools, cfg, info=update)
     info = {
         "feedback_records": found.feedback,
         "examples": len(found.examples),
         "skipped": found.skipped,
+        "update": update,
     }
     model = write_learned(head, previous, folder, info, cfg)
     t = Table(title="cityfuse learn", show_header=False)
     t.add_row("feedback records", str(found.feedback))
     t.add_row("incidents learned from", str(len(found.examples)))
     t.add_row("skipped", str(found.skipped or "none"))
+    t.add_row(
+        "update steps",
+        f"{update['steps_run']}" + (" (early stop)" if update["early_stopped"] else ""),
+    )
     t.add_row("previous head", previous.version)
     t.add_row("new head", model.version)
     t.add_row("written to", str(folder / model.version))

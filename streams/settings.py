@@ -85,10 +85,34 @@ class Dashboard(BaseModel):
     sse_queue: int
 
 
+class LearnUpdate(BaseModel):
+    """Hyper-parameters of one ``cityfuse learn`` update (``models.continual.LearnConfig``
+    documents each; chosen by ``scripts/learning_curve.py --select``, README)."""
+
+    steps: int
+    lr: float
+    rehearsal_batch: int
+    feedback_batch: int
+    rehearsal_ce: float
+    rehearsal_p_single: float
+    distill: float
+    distill_temperature: float
+    l2sp: float
+    ewc: float
+    fisher_samples: int
+    trainable: Literal["all", "experts", "feedback_experts", "feedback_output"]
+    dropout: bool
+    holdout: float
+    check_every: int
+    stop_rise: float
+
+
 class Learn(BaseModel):
-    """Continual learning: the folder of learned fusion heads (``CURRENT`` names the live one)."""
+    """Continual learning: the folder of learned fusion heads (``CURRENT`` names the live one)
+    and the update's hyper-parameters."""
 
     model_dir: str
+    update: LearnUpdate
 
 
 class Serving(BaseModel):

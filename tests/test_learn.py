@@ -148,3 +148,40 @@ def test_learn_writes_a_new_head_that_fusion_picks_up_live(
     finally:
         stop.set()
         thread.join(30)
+
+
+def test_update_changes_only_what_is_configured_and_anchors_hold() -> None:
+    """The parameter subset, EWC/L2-SP anchors and early stopping (no broker needed)."""
+    from models.continual import Example, update_head
+    from models.fusion import FusionHead
+    from models.train import Pool
+
+    rng = np.random.default_rng(0)
+    n_labels = len(label_names())
+    pools = {
+        "text": Pool(
+            {"text": rng.normal(size=(200, 384)).astype(np.float32)}, rng.integers(0, n_labels, 200)
+        ),
+        "image": Pool(
+            {"image": rng.normal(size=(100, 64)).astype(np.float32)}, rng.integers(0, n_labels, 100)
+        ),
+    }
+    head = FusionHead({"text": 384, "image": 64, "audio": 32}, n_labels, 32, 0.5).eval()
+    examples = [
+        Example({"text": rng.normal(size=(1, 384)).astype(np.float32)}, 1) for _ in range(5)
+    ]
+
+    def changed(cfg: LearnConfig) -> tuple[set[str], dict[str, Any]]:
+        info: dict[str, Any] = {}
+        new = update_head(head, examples, pools, cfg, show_progress=False, info=info)
+        old = dict(head.named_parameters())
+        return {k for k, p in new.named_parameters() if not torch.equal(p, old[k])}, info
+
+    out, _ = changed(LearnConfig(steps=5, trainable="feedback_output", ewc=1.0, l2sp=0.1))
+    assert out == {"experts.text.4.weight", "experts.text.4.bias"}
+    out, _ = changed(LearnConfig(steps=5, trainable="experts"))
+    assert "bias" not in out and any(k.startswith("experts.image.") for k in out)
+    # Early stopping that tolerates no rise at all keeps the previous head when the first
+    # check finds the held-out rehearsal loss higher.
+    out, info = changed(LearnConfig(steps=20, lr=1e-2, holdout=0.2, check_every=5, stop_rise=-1.0))
+    assert info["early_stopped"] and info["steps_run"] == 5 and out == set()
