@@ -478,14 +478,13 @@ def write_table(
                 "steps": r["config"]["steps"],
                 "lr": r["config"]["lr"] or _DEFAULT_LR[r["config"]["method"]],
                 "consistency": r["config"]["consistency"],
-                "default": r["method"] == (default or old.get("default")),
             }
         )
     # Rows of runs whose result files are gone (another machine's cache) stay in the table.
     fresh = {r["method"] for r in rows}
     for r in old.get("methods", []):
         if r["method"] not in fresh:
-            rows.append({**r, "default": r["method"] == (default or old.get("default"))})
+            rows.append(r)
     rows.sort(key=lambda r: -r["val_macro_f1"]["value"])
     default = default or choose_default(rows)
     for r in rows:

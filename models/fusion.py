@@ -121,13 +121,13 @@ class FusionModel:
                 "fusion head was trained on another label set than configs/labels.json"
             )
         self.version = str(meta["version"])
-
-    @property
-    def encoders(self) -> dict[str, str] | None:
-        """Encoder version per modality the head was trained on (None for older heads)."""
-        data = self.meta.get("data")
+        # Encoder version per modality the head was trained on (None for older heads); read
+        # once here because the fusion door checks it for every embedding.
+        data = meta.get("data")
         found = data.get("encoders") if isinstance(data, dict) else None
-        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else None
+        self.encoders: dict[str, str] | None = (
+            {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else None
+        )
 
     @classmethod
     def load(cls, folder: Path = ARTIFACT_DIR) -> FusionModel:
