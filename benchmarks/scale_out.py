@@ -24,7 +24,13 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from benchmarks.samples import Sample
 from streams import topics
 from streams.broker import EmbeddedBroker
-from streams.clients import KafkaSettings, assign_all, ensure_topics, make_consumer, make_producer
+from streams.clients import (
+    KafkaSettings,
+    assign_all_at_end,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+)
 from streams.console import console, progress
 from streams.schemas import Embedding
 from streams.serde import from_bytes
@@ -112,8 +118,7 @@ def _round(
         bar.update(task, description=f"scale-out {service} x{k}")
         prefix = f"so-{service}-{k}"
         consumer = make_consumer(live, None)
-        assign_all(consumer, topics.EMBEDDINGS)
-        consumer.seek_to_end()
+        assign_all_at_end(consumer, topics.EMBEDDINGS)
         producer = make_producer(live)
         t0 = time.time()
         for i in range(n):

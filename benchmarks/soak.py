@@ -29,7 +29,7 @@ from rich.table import Table
 from services.runtime import Models, Pipeline
 from services.scatter import ScatterPlan, write_scattered
 from streams import topics
-from streams.clients import KafkaSettings, assign_all, cluster, make_consumer, make_producer
+from streams.clients import KafkaSettings, assign_all_at_end, cluster, make_consumer, make_producer
 from streams.console import console, progress
 from streams.recording import inline_media, read_recording, record_key
 from streams.schemas import parse_ts, utc_now
@@ -88,8 +88,7 @@ class Watch:
 
     def _run(self) -> None:
         c = make_consumer(self.settings, None)
-        assign_all(c, topics.ALERTS, topics.EMBEDDINGS, topics.DLQ)
-        c.seek_to_end()
+        assign_all_at_end(c, topics.ALERTS, topics.EMBEDDINGS, topics.DLQ)
         try:
             while not self.stop.is_set():
                 for tp, recs in c.poll(timeout_ms=200).items():

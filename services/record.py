@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from streams import topics
-from streams.clients import KafkaSettings, assign_all, make_consumer
+from streams.clients import KafkaSettings, assign_all_at_end, make_consumer
 from streams.console import progress
 from streams.recording import Manifest, RecordingWriter
 from streams.taxonomy import label_names
@@ -16,8 +16,7 @@ from streams.taxonomy import label_names
 def record(settings: KafkaSettings, folder: Path, duration_s: float, name: str) -> int:
     """Record new messages of the input topics for ``duration_s`` seconds; returns the count."""
     consumer = make_consumer(settings, None)
-    assign_all(consumer, *topics.INPUT_TOPICS)
-    consumer.seek_to_end()
+    assign_all_at_end(consumer, *topics.INPUT_TOPICS)
     writer = RecordingWriter(
         folder, Manifest(name=name, description="recorded live", labels=label_names())
     )
@@ -32,7 +31,7 @@ def record(settings: KafkaSettings, folder: Path, duration_s: float, name: str) 
                             msg = json.loads(rec.value)
                         except ValueError:
                             continue  # not a valid message: nothing to replay
-                        if rec.timestamp / 1000 >= t0:  # Tansu seek_to_end lands early
+                        if rec.timestamp / 1000 >= t0:  # only what came after the start
                             writer.add(rec.timestamp / 1000 - t0, tp.topic, msg)
                 bar.update(task, completed=int(elapsed))
     finally:

@@ -136,6 +136,18 @@ def assign_all(consumer: KafkaConsumer, *topic_names: str) -> list[TopicPartitio
     return tps
 
 
+def assign_all_at_end(consumer: KafkaConsumer, *topic_names: str) -> list[TopicPartition]:
+    """Like :func:`assign_all`, positioned at each partition's end as of now.
+
+    kafka-python's ``seek_to_end()`` is lazy: the end is looked up at the first poll, so
+    records written between the call and that poll were skipped (a benchmark's first
+    embeddings went missing that way). The offsets are fetched here instead."""
+    tps = assign_all(consumer, *topic_names)
+    for tp, end in consumer.end_offsets(tps).items():
+        consumer.seek(tp, end)
+    return tps
+
+
 def ensure_topics(
     settings: KafkaSettings, specs: tuple[topics.TopicSpec, ...] = topics.ALL_TOPICS
 ) -> None:
