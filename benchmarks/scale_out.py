@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,14 +149,18 @@ def run_scale_out(
     services: tuple[str, ...],
     seconds: float,
     result: dict[str, Any],
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Per service: events/s with 1 and with 2 single-thread instances, and their ratio.
 
     The number of events is sized from this run's served rate (2 threads) so that one
-    instance works about ``seconds``."""
+    instance works about ``seconds``. With ``repeats`` > 1 the 1- and 2-instance rounds
+    alternate and the ratio is of the medians: the broker and this process share the two
+    cores with the instances, and single rounds of the same setup varied by 0.3x."""
     out: dict[str, Any] = {
         "partitions": PARTITIONS,
         "torch_threads_per_instance": 1,
+        "repeats": repeats,
         "services": {},
     }
     with EmbeddedBroker() as broker, progress() as bar, tempfile.TemporaryDirectory() as tmp:
@@ -166,16 +171,22 @@ def run_scale_out(
             served = result[RESULT_KEY[service]]["served_events_per_s"]
             n = max(8, int(seconds * served / 2))
             n -= n % (2 * PARTITIONS)  # whole rounds over the partitions
-            rates = {k: _round(live, service, k, samples, n, Path(tmp), bar) for k in (1, 2)}
+            rounds: dict[int, list[float]] = {1: [], 2: []}
+            for _ in range(repeats):
+                for k in (1, 2):
+                    rounds[k].append(_round(live, service, k, samples, n, Path(tmp), bar))
+            rate_1, rate_2 = statistics.median(rounds[1]), statistics.median(rounds[2])
             out["services"][service] = {
                 "events": n,
-                "rate_1": rates[1],
-                "rate_2": rates[2],
-                "ratio": rates[2] / rates[1],
-                "per_core_events_per_s": rates[1],
+                "rate_1": rate_1,
+                "rate_2": rate_2,
+                "ratio": rate_2 / rate_1,
+                "rounds_1": rounds[1],
+                "rounds_2": rounds[2],
+                "per_core_events_per_s": rate_1,
             }
             console.print(
-                f"scale-out {service}: {rates[1]:.1f}/s -> {rates[2]:.1f}/s "
-                f"({rates[2] / rates[1]:.2f}x)"
+                f"scale-out {service}: {rate_1:.1f}/s -> {rate_2:.1f}/s ({rate_2 / rate_1:.2f}x, "
+                f"median of {repeats})"
             )
     return out

