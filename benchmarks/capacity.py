@@ -145,10 +145,10 @@ def render(r: dict[str, Any], bench_name: str) -> str:
 
 
 def main() -> None:
-    """``python -m benchmarks.capacity BENCH_JSON OUT_MD``."""
+    """``python -m benchmarks.capacity BENCH_JSON OUT_MD`` (paths as given, relative)."""
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
     r = json.loads(src.read_text())
-    dst.write_text(render(r, src.name if len(sys.argv) < 4 else sys.argv[3]))
+    dst.write_text(render(r, sys.argv[1]))
     print(f"wrote {dst}")
 
 

@@ -253,4 +253,4 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(markdown(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[1]).name))
+    print(markdown(json.loads(Path(sys.argv[1]).read_text()), sys.argv[1]))
