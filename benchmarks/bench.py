@@ -7,6 +7,7 @@ never in tests. Results print as rich tables and go to a JSON file plus a load p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ from benchmarks.wer import wer
 from models.fusion import FusionModel
 from services.encoders import EncoderService, SpeechService, TextService, VisionService
 from services.runtime import Models
-from services.speedups import describe
+from services.speedups import describe, forward_pass
 from streams import topics
 from streams.clients import KafkaSettings, cluster
 from streams.console import console, progress
@@ -64,7 +65,9 @@ FULL = Sizes(
     20.0,
     scale_out_repeats=3,
 )
-QUICK = Sizes(96, 32, 8, 60, (0.25, 0.5, 1.0), 8.0, 0.2, ("vision",), 12.0, 200)
+QUICK = Sizes(
+    96, 32, 8, 60, (0.25, 0.5, 1.0), 8.0, 0.2, ("vision",), 12.0, 200, scale_out_repeats=2
+)
 TINY = Sizes(6, 4, 2, 10, (0.5,), 3.0, 0.02, (), 0.0, 20)
 HALF = 0.5
 
@@ -115,25 +118,38 @@ def _encoder_part(
     return part, ref, srv
 
 
+def _forward_rate(svc: EncoderService, samples: list[Sample]) -> float:
+    """Events/s of ``svc.embed`` alone on micro-batches of decoded inputs (after a warm-up)."""
+    inputs = [svc.read(r)[1] for r in records(samples, "forward")]
+    batches = [inputs[i : i + svc.batch_max] for i in range(0, len(inputs), svc.batch_max)]
+    with forward_pass():
+        svc.embed(batches[0])
+        t0 = time.perf_counter()
+        for batch in batches:
+            svc.embed(batch)
+    return len(inputs) / (time.perf_counter() - t0)
+
+
 def _flops(
     svc: EncoderService, samples: list[Sample], rate: float, peak: dict[str, Any]
 ) -> dict[str, Any]:
     """FLOPs per event of the served path (one micro-batch, counted) and their share of peak."""
     recs = records(samples[: svc.batch_max], "flops")
-    # FlopCounterMode does not see inside a TorchScript graph: count the same layers eagerly.
-    graph = getattr(svc.encoder, "graph", None)
-    if graph is not None:
-        svc.encoder.graph = None
-    try:
+    # FlopCounterMode does not see inside a TorchScript graph or an OpenVINO model: count
+    # the same layers run eagerly.
+    eager = getattr(svc.encoder, "eager", contextlib.nullcontext)
+    with eager():
         per_event = count_flops(lambda: svc.process(recs)) / len(recs)
-    finally:
-        if graph is not None:
-            svc.encoder.graph = graph
     achieved = per_event * rate
+    forward = _forward_rate(svc, samples)
     return {
         "flops_per_event": per_event,
         "achieved_flops": achieved,
         "share_of_fp32_peak": achieved / peak["fp32_peak_flops"],
+        # The same FLOPs over the forward pass alone (inputs decoded beforehand): what the
+        # model itself reaches, apart from validation, JPEG/audio decoding and serialisation.
+        "forward_events_per_s": forward,
+        "forward_share_of_fp32_peak": per_event * forward / peak["fp32_peak_flops"],
         "share_of_bf16_peak": achieved / peak["bf16_peak_flops"],
         "share_of_int8_peak": achieved / peak["int8_peak_ops"],
         "serving": getattr(svc.encoder, "serving", svc.encoder.version),
@@ -245,7 +261,15 @@ def run_bench(
 
 
 TEXT_CANDIDATES = ("fp32", "bf16", "int8")
-IMAGE_CANDIDATES = (("fp32", False, 0), ("fp32", True, 4), ("bf16", False, 4), ("bf16", True, 4))
+# (precision, TorchScript, frames per pass, backend)
+IMAGE_CANDIDATES = (
+    ("fp32", False, 0, "torch"),
+    ("fp32", True, 4, "torch"),
+    ("bf16", False, 4, "torch"),
+    ("bf16", True, 4, "torch"),
+    ("fp32", False, 16, "openvino"),
+    ("bf16", False, 16, "openvino"),
+)
 AUDIO_CANDIDATES = ("fp32", "bf16")
 
 
@@ -298,10 +322,10 @@ def _variants(
         row["in_service"] = svc.encoder.serving == models.text.serving
         out["text"][svc.encoder.serving] = row
         del svc
-    for prec, jit, chunk in IMAGE_CANDIDATES:
-        svc = VisionService(none, serve_vision(VisionEncoder(), prec, jit, chunk))
+    for prec, jit, chunk, backend in IMAGE_CANDIDATES:
+        svc = VisionService(none, serve_vision(VisionEncoder(), prec, jit, chunk, backend))
         row = _candidate(
-            f"image {prec}{' jit' if jit else ''}",
+            f"image {svc.encoder.serving}",
             svc,
             pools[topics.FRAMES],
             runs["image"][0],

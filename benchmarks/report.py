@@ -67,6 +67,7 @@ def print_summary(r: dict[str, Any]) -> None:
             "ratio",
             "FLOP/s (G)",
             "% fp32 peak",
+            "forward alone",
             "% bf16 peak",
             "% int8 peak",
             "serving",
@@ -82,6 +83,7 @@ def print_summary(r: dict[str, Any]) -> None:
             _f(v["ratio"], ".2f") + "x",
             _f(g.get("achieved_flops", 0) / 1e9),
             _f(100 * g.get("share_of_fp32_peak", 0)),
+            _f(100 * g.get("forward_share_of_fp32_peak", 0)),
             _f(100 * g.get("share_of_bf16_peak", 0)),
             _f(100 * g.get("share_of_int8_peak", 0)),
             str(g.get("serving", "-")),
@@ -187,6 +189,8 @@ def markdown(r: dict[str, Any], name: str) -> str:
 
     def share(k: str) -> str:
         fp32 = f"{100 * enc[k]['share_of_fp32_peak']:.1f}% of fp32 peak"
+        if "forward_share_of_fp32_peak" in enc[k]:
+            fp32 += f" (forward pass alone {100 * enc[k]['forward_share_of_fp32_peak']:.1f}%)"
         if "bf16" in str(enc[k].get("serving", "")):  # served in bf16: its own peak too
             return f"{fp32}, {100 * enc[k]['share_of_bf16_peak']:.1f}% of bf16 peak"
         return fp32

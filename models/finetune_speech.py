@@ -476,6 +476,7 @@ def refresh_table(folder: Path = ARTIFACT_DIR) -> None:
     default = speech_config().artifact or ""
     rows: list[dict[str, Any]] = []
     runs = data.get("methods", {})
+
     # tiny.en rows in METHODS order, then the same methods on the other Whisper models.
     def order(key: str) -> tuple[bool, str, int]:
         model_name = runs[key]["config"]["model_name"]

@@ -11,12 +11,13 @@ With the camera reference on, the feature is the camera-relative view
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -276,15 +277,27 @@ class VisionEncoder:
         self.serving: str | None = None
         self.precision = "fp32"
         self.graph: Any = None  # frozen TorchScript of the pooled feature, when served so
+        # OpenVINO-compiled pooled feature (models/vision_openvino.py), when served so
+        self.compiled: Callable[[np.ndarray], np.ndarray] | None = None
         self.chunk = 0  # frames per forward pass (0: the whole batch at once)
 
-    def set_serving(self, precision: str, jit: bool, chunk: int) -> None:
+    def set_serving(self, precision: str, jit: bool, chunk: int, backend: str = "torch") -> None:
         """Run the pooled feature in ``precision`` (fp32 / bf16 autocast), as a frozen
         TorchScript graph if ``jit`` (BatchNorm folded into the convolutions, oneDNN
-        fusions), ``chunk`` frames per pass (their activations stay in the CPU caches)."""
+        fusions), ``chunk`` frames per pass (their activations stay in the CPU caches).
+        ``backend="openvino"`` compiles it with OpenVINO instead (``jit`` is then unused)."""
         from services.speedups import autocast
 
         self.precision, self.chunk = precision, max(0, chunk)
+        if backend == "openvino":
+            from models.vision_openvino import compile_pooled
+
+            self.compiled = compile_pooled(
+                _Pooled(self.model), precision, torch.get_num_threads(), self.size
+            )
+            return
+        if backend != "torch":
+            raise ValueError(f"vision backend must be 'torch' or 'openvino', not {backend!r}")
         if jit:
             dummy = torch.zeros(2, 3, self.size, self.size).contiguous(
                 memory_format=torch.channels_last
@@ -305,6 +318,9 @@ class VisionEncoder:
         from services.speedups import autocast
 
         step = self.chunk or max(1, x.shape[0])
+        if self.compiled is not None:
+            parts = [x[i : i + step].contiguous().numpy() for i in range(0, x.shape[0], step)]
+            return torch.from_numpy(np.concatenate([self.compiled(p) for p in parts]))
         outs = []
         with autocast(self.precision):
             for i in range(0, x.shape[0], step):
@@ -313,6 +329,17 @@ class VisionEncoder:
                     self.graph(part) if self.graph is not None else pooled(self.model, part)
                 )
         return torch.cat(outs).float()
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Within the block, the pooled feature runs as eager torch modules (the FLOP counter
+        sees inside neither a TorchScript graph nor an OpenVINO model)."""
+        graph, compiled = self.graph, self.compiled
+        self.graph, self.compiled = None, None
+        try:
+            yield
+        finally:
+            self.graph, self.compiled = graph, compiled
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Resize (shorter side) and centre-crop to 224, scale to [-1, 1]."""

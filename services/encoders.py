@@ -78,7 +78,7 @@ class EncoderService(BatchService):
         """Name and version of the encoder (for the Embedding's ``encoder`` field)."""
         return EncoderRef(name=self.encoder.name, version=self.encoder.version)
 
-    def _read(self, rec: ConsumerRecord) -> tuple[InputEvent, Any]:
+    def read(self, rec: ConsumerRecord) -> tuple[InputEvent, Any]:
         """Validate and decode one record. Every failure is a RejectedInput with its stage:
         a bug or an odd library error on hostile bytes must not stop the service."""
         try:
@@ -112,7 +112,7 @@ class EncoderService(BatchService):
         outs: list[Output] = []
         good: list[tuple[ConsumerRecord, InputEvent, Any]] = []
         # Records decode in parallel on a small pool (services/speedups.py).
-        for rec, read in zip(records, decode_all(self._read, records), strict=True):
+        for rec, read in zip(records, decode_all(self.read, records), strict=True):
             if isinstance(read, RejectedInput):
                 outs.append(self.reject(read, rec))
             else:

@@ -176,23 +176,30 @@ def serve_text(encoder: Any, precision: str | None = None) -> Any:
 
 
 def serve_vision(
-    encoder: Any, precision: str | None = None, jit: bool | None = None, chunk: int | None = None
+    encoder: Any,
+    precision: str | None = None,
+    jit: bool | None = None,
+    chunk: int | None = None,
+    backend: str | None = None,
 ) -> Any:
     """Put EfficientNet in the served precision / graph form (``serving.image_*`` unless
     given), once; as :func:`serve_text`, an encoder already prepared is kept."""
     done = getattr(encoder, "serving", None)
-    if done is not None and precision is None and jit is None and chunk is None:
+    asked = (precision, jit, chunk, backend)
+    if done is not None and all(a is None for a in asked):
         return encoder
     cfg = _serving()
     want = resolve(precision or cfg.image_precision)
-    use_jit = cfg.image_jit if jit is None else jit
+    use_backend = backend or cfg.image_backend
+    use_jit = (cfg.image_jit if jit is None else jit) and use_backend == "torch"
     size = chunk or cfg.image_chunk
-    name = f"image-{want}{'-jit' if use_jit else ''}-chunk{size}"
+    form = "-openvino" if use_backend == "openvino" else "-jit" if use_jit else ""
+    name = f"image-{want}{form}-chunk{size}"
     if done is not None:
         if done not in (name, name.replace("-jit", "")):
             raise ValueError(f"vision encoder already served as {done}, not {name}")
         return encoder
-    encoder.set_serving(want, use_jit, size)
+    encoder.set_serving(want, use_jit, size, use_backend)
     # Named by what runs: "-jit" only if the TorchScript graph was built.
     encoder.serving = name if encoder.graph is not None or not use_jit else name.replace("-jit", "")
     return encoder

@@ -130,6 +130,8 @@ class Serving(BaseModel):
     image_precision: Literal["auto", "fp32", "bf16"]
     image_jit: bool
     image_chunk: int
+    # torch (the options above) or OpenVINO's CPU plugin (models/vision_openvino.py; jit unused).
+    image_backend: Literal["torch", "openvino"]
     # Whisper's encoder (the call embedding; the decoder reads its output): bf16 autocast.
     audio_encoder_precision: Literal["auto", "fp32", "bf16"]
     # One encoder forward pass at a time per process (services sharing a process, e.g.

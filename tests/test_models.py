@@ -146,3 +146,25 @@ def test_served_whisper_keeps_the_transcript_close(models: Models, data_dir: Pat
 
     _, [text] = models.speech.encode([decode_audio((data_dir / CLIP).read_bytes(), "audio/ogg")])
     assert wer([(SPOKEN, text)]) <= 0.35, text
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_vision_backend_matches_torch(data_dir: Path, precision: str) -> None:
+    """The OpenVINO-compiled pooled feature gives the torch path's vectors and labels."""
+    from models.vision import VisionEncoder
+    from services.speedups import serve_vision
+
+    paths = ["fire/cairfire_000.jpg", "flood/floodmarco_Flood_1011.jpg"]
+    frames = [decode_image((data_dir / "images" / p).read_bytes()) for p in paths] * 3
+    torch_enc, ov_enc = VisionEncoder(), VisionEncoder()
+    serve_vision(ov_enc, precision, chunk=4, backend="openvino")
+    assert ov_enc.serving == f"image-{precision}-openvino-chunk4"
+    ref_feats, ref_probs = torch_enc.scores(frames)
+    feats, probs = ov_enc.scores(frames)
+    cosine = (ref_feats * feats).sum(axis=1)
+    assert cosine.min() > (0.9999 if precision == "fp32" else 0.99), cosine
+    assert (ref_probs.argmax(1) == probs.argmax(1)).all()
+    # The FLOP counter's eager view runs torch, then the compiled model is back.
+    with ov_enc.eager():
+        assert ov_enc.compiled is None
+    assert ov_enc.compiled is not None
