@@ -12,6 +12,7 @@ that wrapper starts OpenVINO's usage telemetry, and a service must not phone hom
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -54,9 +55,11 @@ def compile_pooled(
         },
     )
     request = compiled.create_infer_request()
+    lock = threading.Lock()  # one infer request: callers on other threads take turns
 
     def run(batch: np.ndarray) -> np.ndarray:
-        request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        with lock:
+            request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
     return run
