@@ -52,6 +52,9 @@ def compile_pooled(
             "INFERENCE_NUM_THREADS": max(1, threads),
             "INFERENCE_PRECISION_HINT": _HINT[precision],
             "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all threads on it
+            # OpenVINO pins its threads to cores by default: two single-thread instances on
+            # one machine then share core 0 (scale-out measured 1.39x instead of ~1.8x).
+            "ENABLE_CPU_PINNING": False,
         },
     )
     request = compiled.create_infer_request()
