@@ -270,7 +270,8 @@ IMAGE_CANDIDATES = (
     ("fp32", False, 16, "openvino"),
     ("bf16", False, 16, "openvino"),
 )
-AUDIO_CANDIDATES = ("fp32", "bf16")
+# (encoder precision, backend)
+AUDIO_CANDIDATES = (("fp32", "torch"), ("bf16", "torch"), ("bf16", "openvino"))
 
 
 def _candidate(
@@ -335,10 +336,11 @@ def _variants(
         row["in_service"] = svc.encoder.serving == models.vision.serving
         out["image"][svc.encoder.serving] = row
         del svc
-    for p in AUDIO_CANDIDATES:
-        svc = SpeechService(none, serve_speech(SpeechEncoder(), p), models.text)
+    for p, backend in AUDIO_CANDIDATES:
+        svc = SpeechService(none, serve_speech(SpeechEncoder(), p, backend), models.text)
         calls = pools[topics.CALLS]
-        row = _candidate(f"audio {p}", svc, calls, runs["audio"][0], models.fusion, "audio")
+        name = f"audio {svc.encoder.serving}"
+        row = _candidate(name, svc, calls, runs["audio"][0], models.fusion, "audio")
         row["in_service"] = svc.encoder.serving == models.speech.serving
         out["audio"][svc.encoder.serving] = row
         del svc

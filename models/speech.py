@@ -12,8 +12,10 @@ The variant comes from the ``audio`` key of ``configs/models.json``:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,18 @@ def call_version(speech_version: str, text_version: str) -> str:
     return f"{speech_version}+{text_version}"
 
 
+class _Encoder(nn.Module):
+    """Whisper's encoder over the whole mel it is given (already cut to the clip's context),
+    as one module for tracing: the positional embedding is sliced by the input's length."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return wi.encode(self.model, mel, wi.N_FULL_CTX)
+
+
 class SpeechEncoder:
     """Whisper on CPU, offline: bucketed encoder passes, greedy English decoding with a kv cache."""
 
@@ -90,6 +104,26 @@ class SpeechEncoder:
         # bf16 runs the encoder under CPU autocast, features come back fp32.
         self.precision = "fp32"
         self.serving: str | None = None
+        # Whisper's encoder compiled by OpenVINO (models/openvino_cpu.py), when served so.
+        self.compiled: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def compile_encoder(self, precision: str, threads: int) -> None:
+        """Serve the audio encoder (the call embedding and the decoder's input) through
+        OpenVINO in ``precision``; the greedy decoder stays in torch."""
+        from models.openvino_cpu import compile_module
+
+        example = torch.zeros(2, self.model.dims.n_mels, 2 * 2 * _BUCKET_FRAMES)
+        self.compiled = compile_module(_Encoder(self.model), example, precision, threads)
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Within the block, the encoder runs as eager torch modules (for the FLOP counter,
+        which does not see inside an OpenVINO model)."""
+        compiled, self.compiled = self.compiled, None
+        try:
+            yield
+        finally:
+            self.compiled = compiled
 
     def context_for(self, n_samples: int) -> int:
         """Encoder frames a clip of ``n_samples`` is encoded with."""
@@ -115,8 +149,11 @@ class SpeechEncoder:
         for ctx, rows in groups.items():
             part = [np.asarray(audios[i], dtype=np.float32) for i in rows]
             mel = wi.log_mel(part, self.model.dims.n_mels)
-            with autocast(self.precision):
-                feats = wi.encode(self.model, mel, ctx).float()
+            if self.compiled is not None:
+                feats = torch.from_numpy(self.compiled(mel[:, :, : 2 * ctx].numpy()))
+            else:
+                with autocast(self.precision):
+                    feats = wi.encode(self.model, mel, ctx).float()
             pooled = wi.pool(feats, [wi.frames_for(len(a)) for a in part])
             embeddings[rows] = nn.functional.normalize(pooled, dim=-1).numpy()
             cap = wi.max_tokens_for(max(map(len, part)))

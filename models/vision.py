@@ -184,20 +184,27 @@ def preprocess_batch(images: Sequence[Image.Image], size: int = 224) -> torch.Te
     return normalise(centre_crops(images, size))
 
 
+def centre_crop(img: Image.Image, size: int = 224) -> Image.Image:
+    """Shorter side resized to ``size`` (bilinear), then the centre ``size`` x ``size``.
+
+    A frame already at ``size`` x ``size`` comes back as it is, so a service can crop on its
+    decode pool, beside the forward pass, and the batch step below does nothing more."""
+    if img.size == (size, size):
+        return img
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize(
+        (max(size, round(w * scale)), max(size, round(h * scale))),
+        Image.Resampling.BILINEAR,
+    )
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def centre_crops(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor:
-    """uint8 (n, 3, size, size): shorter side resized to ``size`` (bilinear), centre crop."""
-    arrs = []
-    for img in images:
-        w, h = img.size
-        scale = size / min(w, h)
-        img = img.resize(
-            (max(size, round(w * scale)), max(size, round(h * scale))),
-            Image.Resampling.BILINEAR,
-        )
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        arrs.append(np.asarray(img, dtype=np.uint8))
+    """uint8 (n, 3, size, size): :func:`centre_crop` of each frame."""
+    arrs = [np.asarray(centre_crop(img, size), dtype=np.uint8) for img in images]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -277,7 +284,7 @@ class VisionEncoder:
         self.serving: str | None = None
         self.precision = "fp32"
         self.graph: Any = None  # frozen TorchScript of the pooled feature, when served so
-        # OpenVINO-compiled pooled feature (models/vision_openvino.py), when served so
+        # OpenVINO-compiled pooled feature (models/openvino_cpu.py), when served so
         self.compiled: Callable[[np.ndarray], np.ndarray] | None = None
         self.chunk = 0  # frames per forward pass (0: the whole batch at once)
 
@@ -290,10 +297,11 @@ class VisionEncoder:
 
         self.precision, self.chunk = precision, max(0, chunk)
         if backend == "openvino":
-            from models.vision_openvino import compile_pooled
+            from models.openvino_cpu import compile_module
 
-            self.compiled = compile_pooled(
-                _Pooled(self.model), precision, torch.get_num_threads(), self.size
+            example = torch.zeros(2, 3, self.size, self.size)
+            self.compiled = compile_module(
+                _Pooled(self.model), example, precision, torch.get_num_threads()
             )
             return
         if backend != "torch":

@@ -14,6 +14,7 @@ from models.audio import AudioLimits, decode_audio
 from models.images import ImageLimits, decode_image
 from models.speech import SpeechEncoder, call_version
 from models.text import TextEncoder
+from models.vision import centre_crop
 from services.base import BatchService, Output
 from services.speedups import (
     decode_all,
@@ -180,7 +181,8 @@ class VisionService(EncoderService):
         # The camera id travels with the frame: the encoder judges each frame against its
         # camera's usual view (models/camera_reference.py).
         image = decode_image(media_bytes(event.media, self.limits.max_bytes), self.limits)
-        return image, event.camera_id
+        # Resized and cropped here, on the decode pool, rather than serially before the pass.
+        return centre_crop(image, self.encoder.size), event.camera_id
 
     def embed(self, inputs: list[Any]) -> list[dict[str, Any]]:
         vecs = self.encoder.encode([i[0] for i in inputs], camera_ids=[i[1] for i in inputs])

@@ -205,23 +205,30 @@ def serve_vision(
     return encoder
 
 
-def serve_speech(encoder: Any, precision: str | None = None) -> Any:
-    """Run Whisper's encoder in the served precision (``serving.audio_encoder_precision``
+def serve_speech(encoder: Any, precision: str | None = None, backend: str | None = None) -> Any:
+    """Run Whisper's encoder in the served precision and backend (``serving.audio_encoder_*``
     unless given), once. The decoder keeps its model-selection form (``configs/models.json``
     → ``audio.int8_decoder``); int8 dynamic Linear layers take fp32 inputs, so autocast
     covers the encoder only."""
     done = getattr(encoder, "serving", None)
-    if done is not None and precision is None:
+    if done is not None and precision is None and backend is None:
         return encoder
-    want = resolve(precision or _serving().audio_encoder_precision)
+    cfg = _serving()
+    want = resolve(precision or cfg.audio_encoder_precision)
+    use_backend = backend or cfg.audio_encoder_backend
     if want == "int8":
         raise ValueError("the Whisper encoder makes the call embedding: fp32 or bf16 only")
+    name = f"audio-encoder-{want}{'-openvino' if use_backend == 'openvino' else ''}"
     if done is not None:
-        if done != f"audio-encoder-{want}":
-            raise ValueError(f"speech encoder already served as {done}, not {want}")
+        if done != name:
+            raise ValueError(f"speech encoder already served as {done}, not {name}")
         return encoder
     encoder.precision = want
-    encoder.serving = f"audio-encoder-{want}"
+    if use_backend == "openvino":
+        encoder.compile_encoder(want, torch.get_num_threads())
+    elif use_backend != "torch":
+        raise ValueError(f"audio encoder backend must be 'torch' or 'openvino', not {backend!r}")
+    encoder.serving = name
     return encoder
 
 

@@ -130,10 +130,12 @@ class Serving(BaseModel):
     image_precision: Literal["auto", "fp32", "bf16"]
     image_jit: bool
     image_chunk: int
-    # torch (the options above) or OpenVINO's CPU plugin (models/vision_openvino.py; jit unused).
+    # torch (the options above) or OpenVINO's CPU plugin (models/openvino_cpu.py; jit unused).
     image_backend: Literal["torch", "openvino"]
     # Whisper's encoder (the call embedding; the decoder reads its output): bf16 autocast.
     audio_encoder_precision: Literal["auto", "fp32", "bf16"]
+    # torch, or OpenVINO's CPU plugin for the encoder (the greedy decoder stays in torch).
+    audio_encoder_backend: Literal["torch", "openvino"]
     # One encoder forward pass at a time per process (services sharing a process, e.g.
     # ``serve all`` or the bench's pipeline, otherwise run their OpenMP teams side by side
     # and each waits at barriers for threads the other one holds).

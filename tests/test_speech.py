@@ -212,3 +212,27 @@ def test_whisper_base_option_converts_and_transcribes() -> None:
         expected = [w for w in _words(rows[path]["transcript"]) if len(w) >= 5]
         heard = set(_words(text))
         assert len([w for w in expected if w in heard]) >= len(expected) / 2, (path, text)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_encoder_matches_torch(encoder: SpeechEncoder, precision: str) -> None:
+    """The OpenVINO-compiled encoder keeps the embedding and the transcript, for clips of
+    different lengths (each its own trimmed context: the compiled shapes stay dynamic)."""
+    from services.speedups import serve_speech
+
+    compiled = serve_speech(SpeechEncoder(), precision, "openvino")
+    assert compiled.serving == f"audio-encoder-{precision}-openvino"
+    audios = [decode_audio((AUDIO_DIR / p).read_bytes()) for p in GOOD_CLIPS]
+    audios.append(audios[0][: len(audios[0]) // 2])  # a shorter context than any of them
+    assert len({compiled.context_for(len(a)) for a in audios}) >= 2
+    ref_emb, ref_text = encoder.encode(audios)
+    emb, text = compiled.encode(audios)
+    cosine = (ref_emb * emb).sum(axis=1)
+    assert cosine.min() > (0.9999 if precision == "fp32" else 0.999), cosine
+    if precision == "fp32":  # other kernels, same numbers: at most punctuation may move
+        assert [_words(t) for t in text] == [_words(t) for t in ref_text]
+    else:  # bf16 may change a word; the reference words must still be heard
+        rows = _rows()
+        for path, t in zip(GOOD_CLIPS, text, strict=False):
+            expected = [w for w in _words(rows[path]["transcript"]) if len(w) >= 5]
+            assert len([w for w in expected if w in set(_words(t))]) >= len(expected) / 2, t

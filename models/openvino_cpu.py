@@ -1,10 +1,11 @@
-"""EfficientNet-Lite0's pooled feature compiled by OpenVINO for the CPU (a serving backend).
+"""Encoder forward passes compiled by OpenVINO for the CPU (a serving backend).
 
-EfficientNet is mostly depthwise convolutions, which torch runs as separate memory-bound
-kernels. OpenVINO's CPU plugin fuses each depthwise/pointwise block with its BatchNorm and
-ReLU6 and runs it in bf16 on AMX where the CPU has it; Frigate serves its CPU detectors the
-same way. The model is converted in memory at service start (a few seconds), from the
-same weights the torch path holds, so nothing is downloaded or cached.
+Used for EfficientNet-Lite0's pooled feature and Whisper's audio encoder. EfficientNet is
+mostly depthwise convolutions, which torch runs as separate memory-bound kernels; OpenVINO's
+CPU plugin fuses each block with its BatchNorm and activation and runs it in bf16 on AMX
+where the CPU has it (Frigate serves its CPU detectors the same way). A module is converted
+in memory at service start (a few seconds), from the weights the torch path holds (LoRA
+already merged), so nothing is downloaded or cached.
 
 The conversion goes through OpenVINO's PyTorch frontend directly, not ``openvino.convert_model``:
 that wrapper starts OpenVINO's usage telemetry, and a service must not phone home.
@@ -24,20 +25,20 @@ from torch import nn
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 
 
-def compile_pooled(
-    module: nn.Module, precision: str, threads: int, size: int
+def compile_module(
+    module: nn.Module, example: torch.Tensor, precision: str, threads: int
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """``module`` (frames (n, 3, size, size) -> features (n, d)) as an OpenVINO CPU model.
+    """``module`` (one float32 tensor in, one out) as an OpenVINO CPU model.
 
-    Returns a function from a float32 batch to its float32 features. The batch size stays
-    dynamic; ``threads`` is the inference thread count (the service's ``--threads``)."""
+    ``example`` fixes the rank and dtype only: every dimension stays dynamic (the batch, and
+    for Whisper the clip's context). Returns a function from a float32 array to the float32
+    output; ``threads`` is the inference thread count (the service's ``--threads``)."""
     import openvino as ov
     from openvino.frontend import FrontEndManager
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
     if precision not in _HINT:
-        raise ValueError(f"openvino vision serving takes fp32 or bf16, not {precision!r}")
-    example = torch.zeros(2, 3, size, size)
+        raise ValueError(f"openvino serving takes fp32 or bf16, not {precision!r}")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # jit's deprecation notices
         traced = torch.jit.trace(module.eval(), example)
