@@ -179,11 +179,6 @@ def load_artifact(path: Path) -> tuple[Any, dict[str, str]]:
     return merge_adapters(model).eval(), meta
 
 
-def preprocess_batch(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor:
-    """Resize (shorter side), centre-crop to ``size``, scale to [-1, 1] (mean = std = 0.5)."""
-    return normalise(centre_crops(images, size))
-
-
 def centre_crop(img: Image.Image, size: int = 224) -> Image.Image:
     """Shorter side resized to ``size`` (bilinear), then the centre ``size`` x ``size``.
 
@@ -208,9 +203,11 @@ def centre_crops(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, 3, h, w) -> float in [-1, 1], channels_last (the faster layout on CPU)."""
-    return (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+def normalise(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """uint8 (n, 3, h, w) -> float in [-1, 1]; channels_last is torch's faster layout on CPU
+    (OpenVINO takes plain NCHW and picks its own)."""
+    out = x.float() / 127.5 - 1.0
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def pooled(model: Any, x: torch.Tensor) -> torch.Tensor:
@@ -351,7 +348,7 @@ class VisionEncoder:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Resize (shorter side) and centre-crop to 224, scale to [-1, 1]."""
-        return preprocess_batch(images, self.size)
+        return normalise(centre_crops(images, self.size), channels_last=self.compiled is None)
 
     @torch.inference_mode()
     def forward(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
