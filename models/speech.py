@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from models import whisper_infer as wi
 from models.whisper_convert import load_whisper, model_version
 from streams.taxonomy import CONFIG_DIR
 
+log = logging.getLogger(__name__)
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
 # Trimmed contexts are rounded up to 25 frames (0.5 s): a clip's context depends only on its
 # own length, so batching never changes its result, and equal buckets share one forward pass.
@@ -113,7 +115,10 @@ class SpeechEncoder:
         from models.openvino_cpu import compile_module
 
         example = torch.zeros(2, self.model.dims.n_mels, 2 * 2 * _BUCKET_FRAMES)
-        self.compiled = compile_module(_Encoder(self.model), example, precision, threads)
+        try:
+            self.compiled = compile_module(_Encoder(self.model), example, precision, threads)
+        except Exception:  # e.g. a CPU OpenVINO does not support: torch still serves
+            log.warning("OpenVINO could not compile the Whisper encoder; torch", exc_info=True)
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:

@@ -293,16 +293,19 @@ class VisionEncoder:
         from services.speedups import autocast
 
         self.precision, self.chunk = precision, max(0, chunk)
+        if backend not in ("torch", "openvino"):
+            raise ValueError(f"vision backend must be 'torch' or 'openvino', not {backend!r}")
         if backend == "openvino":
             from models.openvino_cpu import compile_module
 
             example = torch.zeros(2, 3, self.size, self.size)
-            self.compiled = compile_module(
-                _Pooled(self.model), example, precision, torch.get_num_threads()
-            )
-            return
-        if backend != "torch":
-            raise ValueError(f"vision backend must be 'torch' or 'openvino', not {backend!r}")
+            try:
+                self.compiled = compile_module(
+                    _Pooled(self.model), example, precision, torch.get_num_threads()
+                )
+                return
+            except Exception:  # e.g. a CPU OpenVINO does not support: torch still serves
+                log.warning("OpenVINO could not compile the vision encoder; torch", exc_info=True)
         if jit:
             dummy = torch.zeros(2, 3, self.size, self.size).contiguous(
                 memory_format=torch.channels_last

@@ -191,17 +191,18 @@ def serve_vision(
     cfg = _serving()
     want = resolve(precision or cfg.image_precision)
     use_backend = backend or cfg.image_backend
-    use_jit = (cfg.image_jit if jit is None else jit) and use_backend == "torch"
+    # TorchScript is torch's form, and the fallback should OpenVINO fail to compile.
+    use_jit = cfg.image_jit if jit is None else jit
     size = chunk or cfg.image_chunk
-    form = "-openvino" if use_backend == "openvino" else "-jit" if use_jit else ""
-    name = f"image-{want}{form}-chunk{size}"
     if done is not None:
-        if done not in (name, name.replace("-jit", "")):
-            raise ValueError(f"vision encoder already served as {done}, not {name}")
+        if not (done.startswith(f"image-{want}") and done.endswith(f"-chunk{size}")):
+            raise ValueError(f"vision encoder already served as {done}, not {want}/{size}")
         return encoder
     encoder.set_serving(want, use_jit, size, use_backend)
-    # Named by what runs: "-jit" only if the TorchScript graph was built.
-    encoder.serving = name if encoder.graph is not None or not use_jit else name.replace("-jit", "")
+    # Named by what runs: "-openvino" only if OpenVINO compiled it, "-jit" only if the
+    # TorchScript graph was built.
+    ran = "-openvino" if encoder.compiled is not None else "-jit" if encoder.graph else ""
+    encoder.serving = f"image-{want}{ran}-chunk{size}"
     return encoder
 
 
@@ -218,17 +219,17 @@ def serve_speech(encoder: Any, precision: str | None = None, backend: str | None
     use_backend = backend or cfg.audio_encoder_backend
     if want == "int8":
         raise ValueError("the Whisper encoder makes the call embedding: fp32 or bf16 only")
-    name = f"audio-encoder-{want}{'-openvino' if use_backend == 'openvino' else ''}"
+    if use_backend not in ("torch", "openvino"):
+        raise ValueError(f"audio encoder backend must be 'torch' or 'openvino', not {backend!r}")
     if done is not None:
-        if done != name:
-            raise ValueError(f"speech encoder already served as {done}, not {name}")
+        if not done.startswith(f"audio-encoder-{want}"):
+            raise ValueError(f"speech encoder already served as {done}, not {want}")
         return encoder
     encoder.precision = want
     if use_backend == "openvino":
         encoder.compile_encoder(want, torch.get_num_threads())
-    elif use_backend != "torch":
-        raise ValueError(f"audio encoder backend must be 'torch' or 'openvino', not {backend!r}")
-    encoder.serving = name
+    # Named by what runs (torch, should OpenVINO fail to compile).
+    encoder.serving = f"audio-encoder-{want}{'-openvino' if encoder.compiled else ''}"
     return encoder
 
 
