@@ -13,14 +13,18 @@ that wrapper starts OpenVINO's usage telemetry, and a service must not phone hom
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 # OpenVINO's names for the precisions of services.speedups.
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 
@@ -67,3 +71,30 @@ def compile_module(
             return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
     return run
+
+
+def compile_or_none(
+    module: nn.Module, example: torch.Tensor, precision: str, threads: int, what: str
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """:func:`compile_module`, or None with a warning when OpenVINO cannot compile it (for
+    example on a CPU it does not support): the caller then serves ``what`` with torch."""
+    try:
+        return compile_module(module, example, precision, threads)
+    except Exception:
+        log.warning("OpenVINO could not compile the %s; torch serves it", what, exc_info=True)
+        return None
+
+
+@contextlib.contextmanager
+def eager(encoder: Any, *compiled_forms: str) -> Iterator[None]:
+    """Within the block, ``encoder``'s compiled forms (the named attributes: a TorchScript
+    graph, an OpenVINO model) are set aside, so it runs as eager torch modules: torch's FLOP
+    counter sees inside neither."""
+    kept = {name: getattr(encoder, name) for name in compiled_forms}
+    for name in compiled_forms:
+        setattr(encoder, name, None)
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(encoder, name, value)

@@ -15,8 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from models import whisper_infer as wi
 from models.whisper_convert import load_whisper, model_version
 from streams.taxonomy import CONFIG_DIR
 
-log = logging.getLogger(__name__)
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
 # Trimmed contexts are rounded up to 25 frames (0.5 s): a clip's context depends only on its
 # own length, so batching never changes its result, and equal buckets share one forward pass.
@@ -112,23 +110,18 @@ class SpeechEncoder:
     def compile_encoder(self, precision: str, threads: int) -> None:
         """Serve the audio encoder (the call embedding and the decoder's input) through
         OpenVINO in ``precision``; the greedy decoder stays in torch."""
-        from models.openvino_cpu import compile_module
+        from models.openvino_cpu import compile_or_none
 
         example = torch.zeros(2, self.model.dims.n_mels, 2 * 2 * _BUCKET_FRAMES)
-        try:
-            self.compiled = compile_module(_Encoder(self.model), example, precision, threads)
-        except Exception:  # e.g. a CPU OpenVINO does not support: torch still serves
-            log.warning("OpenVINO could not compile the Whisper encoder; torch", exc_info=True)
+        self.compiled = compile_or_none(
+            _Encoder(self.model), example, precision, threads, "Whisper encoder"
+        )
 
-    @contextlib.contextmanager
-    def eager(self) -> Iterator[None]:
-        """Within the block, the encoder runs as eager torch modules (for the FLOP counter,
-        which does not see inside an OpenVINO model)."""
-        compiled, self.compiled = self.compiled, None
-        try:
-            yield
-        finally:
-            self.compiled = compiled
+    def eager(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block, the encoder runs as eager torch modules (for the FLOP counter)."""
+        from models.openvino_cpu import eager
+
+        return eager(self, "compiled")
 
     def context_for(self, n_samples: int) -> int:
         """Encoder frames a clip of ``n_samples`` is encoded with."""

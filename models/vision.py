@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,23 +289,22 @@ class VisionEncoder:
         """Run the pooled feature in ``precision`` (fp32 / bf16 autocast), as a frozen
         TorchScript graph if ``jit`` (BatchNorm folded into the convolutions, oneDNN
         fusions), ``chunk`` frames per pass (their activations stay in the CPU caches).
-        ``backend="openvino"`` compiles it with OpenVINO instead (``jit`` is then unused)."""
+        ``backend="openvino"`` compiles it with OpenVINO instead (``jit`` then only shapes the
+        torch fallback, should OpenVINO fail to compile)."""
         from services.speedups import autocast
 
         self.precision, self.chunk = precision, max(0, chunk)
         if backend not in ("torch", "openvino"):
             raise ValueError(f"vision backend must be 'torch' or 'openvino', not {backend!r}")
         if backend == "openvino":
-            from models.openvino_cpu import compile_module
+            from models.openvino_cpu import compile_or_none
 
             example = torch.zeros(2, 3, self.size, self.size)
-            try:
-                self.compiled = compile_module(
-                    _Pooled(self.model), example, precision, torch.get_num_threads()
-                )
+            self.compiled = compile_or_none(
+                _Pooled(self.model), example, precision, torch.get_num_threads(), "vision encoder"
+            )
+            if self.compiled is not None:
                 return
-            except Exception:  # e.g. a CPU OpenVINO does not support: torch still serves
-                log.warning("OpenVINO could not compile the vision encoder; torch", exc_info=True)
         if jit:
             dummy = torch.zeros(2, 3, self.size, self.size).contiguous(
                 memory_format=torch.channels_last
@@ -338,16 +337,12 @@ class VisionEncoder:
                 )
         return torch.cat(outs).float()
 
-    @contextlib.contextmanager
-    def eager(self) -> Iterator[None]:
-        """Within the block, the pooled feature runs as eager torch modules (the FLOP counter
-        sees inside neither a TorchScript graph nor an OpenVINO model)."""
-        graph, compiled = self.graph, self.compiled
-        self.graph, self.compiled = None, None
-        try:
-            yield
-        finally:
-            self.graph, self.compiled = graph, compiled
+    def eager(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block, the pooled feature runs as eager torch modules (for the FLOP
+        counter)."""
+        from models.openvino_cpu import eager
+
+        return eager(self, "graph", "compiled")
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Resize (shorter side) and centre-crop to 224, scale to [-1, 1]."""

@@ -130,7 +130,8 @@ class Serving(BaseModel):
     image_precision: Literal["auto", "fp32", "bf16"]
     image_jit: bool
     image_chunk: int
-    # torch (the options above) or OpenVINO's CPU plugin (models/openvino_cpu.py; jit unused).
+    # torch (the options above) or OpenVINO's CPU plugin (models/openvino_cpu.py; jit then
+    # shapes only the torch fallback, should OpenVINO fail to compile).
     image_backend: Literal["torch", "openvino"]
     # Whisper's encoder (the call embedding; the decoder reads its output): bf16 autocast.
     audio_encoder_precision: Literal["auto", "fp32", "bf16"]
