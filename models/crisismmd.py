@@ -178,6 +178,23 @@ def embed(frames: list[pl.DataFrame], encoder: Any) -> dict[str, np.ndarray]:
     return dict(zip(tweets["key"].to_list(), data["text"], strict=True))
 
 
+def encoder_rows(task: str) -> pl.DataFrame:
+    """CrisisMMD train tweets the text encoder may learn from (its auxiliary loss).
+
+    ``city_reports.csv`` holds some CrisisMMD events as groups ``crisismmd_<event>``; the
+    events whose group is in the city validation or test split are left out, so that the
+    encoder never sees those tweets (the task heads, trained later on frozen vectors, may).
+    """
+    from models.datasets import text_table
+    from models.splits import three_way
+
+    city = text_table()
+    city = city.with_columns(split=three_way(city, "text"))
+    held = set(city.filter(pl.col("split") != "train")["group"].unique().to_list())
+    df = load_split(task, "train")
+    return df.filter(~("crisismmd_" + pl.col("event")).is_in(list(held)))
+
+
 def capped(df: pl.DataFrame, cap: int) -> pl.DataFrame:
     """At most ``cap`` rows per (event, label), a seeded sample."""
     shuffled = df.sample(fraction=1.0, shuffle=True, seed=0)

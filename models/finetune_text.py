@@ -53,6 +53,10 @@ class FTConfig:
     lr: float = 0.0  # 0 = the method's default below
     head_lr: float = 1e-3
     consistency: float = 0.0  # weight of 1 - cos(tuned, frozen) on training texts
+    # Weight of the auxiliary CrisisMMD losses (informative, humanitarian; 16 tweets each per
+    # step, from events outside the city validation and test groups): keeps in the one served
+    # vector what the CrisisMMD task heads read. 0 = city labels only.
+    crisismmd: float = 0.0
     lora_r: int = 8
     prompt_tokens: int = 16
     seed: int = 0
@@ -376,13 +380,15 @@ def train_steps(
     torch.manual_seed(cfg.seed)
     texts, y = splits.train["text"].to_list(), splits.train["y"].to_numpy()
     enc_params = [p for n, p in model.named_parameters() if p.requires_grad and "head" not in n]
-    opt = torch.optim.AdamW(
-        [
-            {"params": enc_params, "lr": cfg.learning_rate()},
-            {"params": model.head.parameters(), "lr": cfg.head_lr},
-        ],
-        weight_decay=0.0,
-    )
+    groups: list[dict[str, Any]] = [
+        {"params": enc_params, "lr": cfg.learning_rate()},
+        {"params": model.head.parameters(), "lr": cfg.head_lr},
+    ]
+    aux = AuxTasks.load(cfg.seed) if cfg.crisismmd else None
+    if aux is not None:
+        # The auxiliary heads are a training signal only; the artifact keeps the city head.
+        groups.append({"params": aux.heads.parameters(), "lr": 3 * cfg.head_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 5) * max(0.0, 1 - s / cfg.steps)
     )
@@ -397,6 +403,8 @@ def train_steps(
             if cfg.consistency:
                 anchor = torch.from_numpy(frozen_train[idx])
                 loss = loss + cfg.consistency * (1 - (emb * anchor).sum(1)).mean()
+            if aux is not None:
+                loss = loss + cfg.crisismmd * aux.loss(model, tokenizer, cfg.max_length)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -405,6 +413,39 @@ def train_steps(
             bar.update(task, advance=1, description=f"{cfg.name}: train loss {loss:.3f}")
     model.eval()
     return losses
+
+
+class AuxTasks:
+    """CrisisMMD informative and humanitarian batches with their own linear heads."""
+
+    def __init__(self, rows: dict[str, tuple[list[str], np.ndarray]], seed: int) -> None:
+        from models.crisismmd import CLASSES
+
+        self.rows = rows
+        self.heads = nn.ModuleDict({t: nn.Linear(384, len(CLASSES[t])) for t in rows})
+        self.rng = np.random.default_rng(seed + 1)
+
+    @classmethod
+    def load(cls, seed: int) -> AuxTasks:
+        """Cleaned CrisisMMD train tweets of :func:`models.crisismmd.encoder_rows`."""
+        from models.crisismmd import CLASSES, TASKS, encoder_rows
+        from models.text import clean_text
+
+        rows = {}
+        for t in TASKS:
+            df = encoder_rows(t)
+            y = np.array([CLASSES[t].index(v) for v in df["label"]])
+            rows[t] = ([clean_text(v) for v in df["text"]], y)
+        return cls(rows, seed)
+
+    def loss(self, model: E5Classifier, tokenizer: Any, max_length: int, per_task: int = 16) -> Any:
+        """Sum over tasks of the cross-entropy on ``per_task`` random tweets each."""
+        total = torch.zeros(())
+        for t, (texts, y) in self.rows.items():
+            j = self.rng.integers(0, len(texts), per_task)
+            emb = model.embed(**tokenize(tokenizer, [texts[i] for i in j], max_length))
+            total = total + nn.functional.cross_entropy(self.heads[t](emb), torch.from_numpy(y[j]))
+        return total
 
 
 def _metadata(cfg: FTConfig) -> dict[str, str]:
@@ -622,6 +663,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--lr", type=float, default=0.0)
     ap.add_argument("--consistency", type=float, default=0.0)
+    ap.add_argument("--crisismmd", type=float, default=0.0, help="auxiliary CrisisMMD loss weight")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.score_test:
         console.print_json(data=score_test(args.score_test))
@@ -639,6 +682,8 @@ def main() -> None:
         out_dir=args.out_dir,
         lr=args.lr,
         consistency=args.consistency,
+        crisismmd=args.crisismmd,
+        threads=args.threads,
     )
     v = r["val"]
     console.print(

@@ -64,6 +64,60 @@ def test_one_tiny_lora_step_changes_the_adapter() -> None:
     assert lora_b and any(not torch.equal(before[k], after[k]) for k in lora_b)
 
 
+def test_crisismmd_tweets_for_the_encoder_skip_city_val_and_test_events() -> None:
+    import polars as pl
+
+    from models.crisismmd import encoder_rows, load_split
+    from models.datasets import text_table
+    from models.splits import three_way
+
+    city = text_table()
+    city = city.with_columns(split=three_way(city, "text"))
+    held = set(city.filter(pl.col("split") != "train")["group"].to_list())
+    for task in ("informative", "humanitarian"):
+        rows = encoder_rows(task)
+        events = {f"crisismmd_{e}" for e in rows["event"].unique().to_list()}
+        assert rows.height > 1000 and not events & held
+        # Something was left out: CrisisMMD events are among the city's held-out groups.
+        assert rows.height < load_split(task, "train").height
+
+
+def test_one_bitfit_step_with_the_crisismmd_auxiliary_loss() -> None:
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from models.finetune_text import (
+        AuxTasks,
+        FTConfig,
+        TextSplits,
+        build,
+        labelled_rows,
+        train_steps,
+        trainable_state,
+    )
+
+    torch.set_num_threads(1)
+    rows = labelled_rows("train")
+    eight = pl.concat([g.head(2) for _, g in rows.group_by("y", maintain_order=True)]).head(8)
+    splits = TextSplits(train=eight, val=rows.head(0))
+    cfg = FTConfig("bitfit", steps=1, batch=4, lr=1e-2, crisismmd=1.0)
+    model, tokenizer = build("bitfit", cfg)
+    aux = AuxTasks.load(seed=0)
+    with torch.no_grad():
+        aux_loss = float(aux.loss(model, tokenizer, max_length=32, per_task=4))
+    # Two untrained heads over 2 and 5 classes: about ln 2 + ln 5 together.
+    assert 1.0 < aux_loss < 5.0
+    before = trainable_state(model)
+    losses = train_steps(model, tokenizer, splits, np.zeros((8, 384), np.float32), cfg)
+    after = trainable_state(model)
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    biases = [k for k in before if k.endswith(".bias") and not k.startswith("head")]
+    assert biases and any(not torch.equal(before[k], after[k]) for k in biases)
+    # The auxiliary heads are a training signal only: the artifact's tensors are unchanged.
+    assert set(after) == set(before)
+
+
 @pytest.fixture(scope="session")
 def tuned_text() -> TextEncoder:
     """The fine-tuned e5 with the artifact named in configs/models.json (text → artifact)."""
