@@ -120,6 +120,10 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
             method = best.removeprefix("vision_").removesuffix(".safetensors")
             own = test["scores"].get("own_classifier", {})
             rows = [*rows, {**own, "method": method, "split": "test", "default": True}]
+            for t in data.get("earlier_tests", []):
+                earlier = str(t.get("encoder_version", "?")).split("-")[0].removeprefix("vision_")
+                own = t["scores"].get("own_classifier", {})
+                rows.append({**own, "method": f"{earlier} (earlier default)", "split": "test"})
         for r in rows:
             split = _first(r, "split", "scored_on") or ("test" if "test_macro_f1" in r else "val")
             method = str(_first(r, "method", "name") or "?")

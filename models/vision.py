@@ -155,6 +155,40 @@ def merge_adapters(model: Any) -> Any:
     return model
 
 
+# Key suffix of the per-output-channel scales of an int8-stored tensor.
+INT8_SCALE = ".int8_scale"
+
+
+def quantise_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight tensors (2-d and up) as symmetric int8 per output channel plus fp32 scales;
+    biases and norms stay fp32. Quarters an artifact that would not fit the repository."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if t.ndim < 2 or not t.is_floating_point():
+            out[name] = t
+            continue
+        flat = t.float().reshape(t.shape[0], -1)
+        scale = flat.abs().amax(1).clamp(min=1e-12) / 127.0
+        out[name] = torch.round(flat / scale[:, None]).to(torch.int8).reshape(t.shape)
+        out[name + INT8_SCALE] = scale.contiguous()
+    return out
+
+
+def dequantise_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`quantise_int8` (fp32 tensors; a plain state passes unchanged)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(INT8_SCALE):
+            continue
+        scale = tensors.get(name + INT8_SCALE)
+        if scale is None:
+            out[name] = t
+        else:
+            flat = t.float().reshape(t.shape[0], -1) * scale[:, None]
+            out[name] = flat.reshape(t.shape)
+    return out
+
+
 def load_artifact(path: Path) -> tuple[Any, dict[str, str]]:
     """Base backbone + a fine-tuning artifact: (merged model in eval mode, artifact metadata).
 
@@ -164,6 +198,7 @@ def load_artifact(path: Path) -> tuple[Any, dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    tensors = dequantise_int8(tensors)
     if meta.get("base_sha256") != EFFNET_LITE0_SHA256:
         raise ValueError(f"{path.name}: made for other base weights ({meta.get('base_sha256')})")
     if json.loads(meta.get("labels", "[]")) != label_names():

@@ -118,3 +118,41 @@ def test_camera_reference_is_bounded_and_relative(encoder: VisionEncoder) -> Non
     assert strict.reference("cam") is None
     strict.relative("cam", feats[1], 0.9)
     assert np.allclose(strict.reference("cam"), feats[1])  # type: ignore[arg-type]
+
+
+def test_an_int8_stored_artifact_loads_strictly_and_keeps_the_labels(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from models.finetune_vision import SHIP_BYTES
+    from models.vision import (
+        centre_crops,
+        load_artifact,
+        pooled,
+        quantise_int8,
+        trainable_state,
+    )
+    from models.weights import EFFNET_LITE0_SHA256
+
+    torch.manual_seed(0)
+    model = adapt(build_backbone(), "top").eval()
+    with torch.no_grad():  # a trained-looking classifier: not the zero-ish initial one
+        for p in model.classifier.parameters():
+            p.normal_(0, 0.05)
+    state = trainable_state(model)
+    fp32_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    assert fp32_bytes > SHIP_BYTES  # the method that needs int8 storage
+    meta = {
+        "method": "top",
+        "labels": json.dumps(label_names()),
+        "base_sha256": EFFNET_LITE0_SHA256,
+    }
+    path = tmp_path / "vision_top.safetensors"
+    save_file(quantise_int8(state), str(path), metadata=meta)
+    assert path.stat().st_size <= SHIP_BYTES
+    loaded, _ = load_artifact(path)
+    df = pl.concat([_camera(2), image_table().filter(pl.col("label") == "fire").head(2)])
+    x = normalise(centre_crops(_frames(df)))
+    with torch.no_grad():
+        a, b = pooled(model, x), pooled(loaded, x)
+        same = (model.classifier(a).argmax(1) == loaded.classifier(b).argmax(1)).all()
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99 and bool(same)
