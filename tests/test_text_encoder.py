@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from models.e5_parity import Parity, parity, sample_reports
+from models.finetune_text import TextSplits
 from models.text import TextEncoder
 
 
@@ -35,25 +36,26 @@ def test_tokenizer_follows_sentencepiece_rules() -> None:
     assert max(ids) < len(tok)
 
 
-def test_one_tiny_lora_step_changes_the_adapter() -> None:
-    import numpy as np
+def _eight_reports() -> TextSplits:
+    """8 real training reports over 4 labels (2 each), so class-balanced batches can be drawn."""
     import polars as pl
     import torch
 
-    from models.finetune_text import (
-        FTConfig,
-        TextSplits,
-        build,
-        labelled_rows,
-        train_steps,
-        trainable_state,
-    )
+    from models.finetune_text import TextSplits, labelled_rows
 
     torch.set_num_threads(1)
     rows = labelled_rows("train")
-    # 8 real training reports over 4 labels (2 each), so class-balanced batches can be drawn.
     eight = pl.concat([g.head(2) for _, g in rows.group_by("y", maintain_order=True)]).head(8)
-    splits = TextSplits(train=eight, val=rows.head(0))
+    return TextSplits(train=eight, val=rows.head(0))
+
+
+def test_one_tiny_lora_step_changes_the_adapter() -> None:
+    import numpy as np
+    import torch
+
+    from models.finetune_text import FTConfig, build, train_steps, trainable_state
+
+    splits = _eight_reports()
     cfg = FTConfig("lora", steps=2, batch=4, lr=1e-2)
     model, tokenizer = build("lora", cfg)
     before = trainable_state(model)
@@ -84,23 +86,11 @@ def test_crisismmd_tweets_for_the_encoder_skip_city_val_and_test_events() -> Non
 
 def test_one_bitfit_step_with_the_crisismmd_auxiliary_loss() -> None:
     import numpy as np
-    import polars as pl
     import torch
 
-    from models.finetune_text import (
-        AuxTasks,
-        FTConfig,
-        TextSplits,
-        build,
-        labelled_rows,
-        train_steps,
-        trainable_state,
-    )
+    from models.finetune_text import AuxTasks, FTConfig, build, train_steps, trainable_state
 
-    torch.set_num_threads(1)
-    rows = labelled_rows("train")
-    eight = pl.concat([g.head(2) for _, g in rows.group_by("y", maintain_order=True)]).head(8)
-    splits = TextSplits(train=eight, val=rows.head(0))
+    splits = _eight_reports()
     cfg = FTConfig("bitfit", steps=1, batch=4, lr=1e-2, crisismmd=1.0)
     model, tokenizer = build("bitfit", cfg)
     aux = AuxTasks.load(seed=0)
