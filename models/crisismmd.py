@@ -8,6 +8,7 @@ saved as ``models/artifacts/crisismmd_<task>.safetensors`` + ``.json`` (metadata
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -185,14 +186,19 @@ def encoder_rows(task: str) -> pl.DataFrame:
     events whose group is in the city validation or test split are left out, so that the
     encoder never sees those tweets (the task heads, trained later on frozen vectors, may).
     """
+    df = load_split(task, "train")
+    return df.filter(~("crisismmd_" + pl.col("event")).is_in(_city_held_groups()))
+
+
+@functools.cache
+def _city_held_groups() -> list[str]:
+    """The city text groups in validation or test (read once per process)."""
     from models.datasets import text_table
     from models.splits import three_way
 
     city = text_table()
     city = city.with_columns(split=three_way(city, "text"))
-    held = set(city.filter(pl.col("split") != "train")["group"].unique().to_list())
-    df = load_split(task, "train")
-    return df.filter(~("crisismmd_" + pl.col("event")).is_in(list(held)))
+    return sorted(city.filter(pl.col("split") != "train")["group"].unique().to_list())
 
 
 def capped(df: pl.DataFrame, cap: int) -> pl.DataFrame:

@@ -218,24 +218,30 @@ class Activations:
 
 
 def _cache_path(data: Frames, views: int, seed: int, shard: int, shards: int) -> Path:
-    return _stage4_path(len(data.df), views, seed, shard, shards)
-
-
-def _stage4_path(rows: int, views: int, seed: int, shard: int, shards: int) -> Path:
     from models.weights import cache_dir
 
     folder = cache_dir() / "vision_stage4"
     folder.mkdir(parents=True, exist_ok=True)
-    tag = f"{rows}-{EFFNET_LITE0_SHA256[:8]}-v{views}-s{seed}"
+    tag = f"{len(data.df)}-{EFFNET_LITE0_SHA256[:8]}-v{views}-s{seed}"
     return folder / f"{tag}-{shard}of{shards}.pt"
 
 
-def _cache_path_exists(views: int, seed: int, shards: int) -> bool:
-    """Whether every shard of the stage-4 cache of the whole image table is on disk."""
-    from models.datasets import image_table
+def augmented_views(data: Frames, i: int, views: int, seed: int, aug: Any) -> list[torch.Tensor]:
+    """The ``views`` augmented copies of row ``i``, each seeded by (seed, view, row) so that
+    they do not depend on which process, shard or split asks. Frames loaded without their
+    stored pixels (``keep_raw=False``) are decoded here."""
+    if data.raw:
+        raw = data.raw[i]
+    else:
+        from models.images import decode_image
 
-    rows = len(image_table())
-    return all(_stage4_path(rows, views, seed, k, shards).exists() for k in range(shards))
+        img = decode_image(Path(data.df["path"][i]).read_bytes())
+        raw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    out = []
+    for v in range(views):
+        torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
+        out.append(aug(raw))
+    return out
 
 
 @torch.inference_mode()
@@ -259,9 +265,7 @@ def build_activations(
         for i in mine:
             x = [data.crops[i]]
             if i in tr:
-                for v in range(views):
-                    torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
-                    x.append(aug(data.raw[i]))
+                x += augmented_views(data, i, views, seed, aug)
             h = bottom(model, normalise(torch.stack(x))).half()
             for v in range(len(x)):
                 out[f"{i}/{v}"] = h[v].clone()
@@ -512,9 +516,7 @@ def run(
         params["lr"] = lr
     cfg = FinetuneConfig(method=method, threads=threads, **params)
     torch.set_num_threads(threads)
-    # Top methods need the stored frames only to build a missing stage-4 cache (its views).
-    needs_raw = method not in TOP_METHODS or not _cache_path_exists(cfg.views, cfg.seed, shards)
-    data = data or load_frames(keep_raw=needs_raw)
+    data = data or load_frames(keep_raw=method not in TOP_METHODS)
     t0 = time.perf_counter()
     acts = load_activations(data, cfg.views, cfg.seed, shards) if method in TOP_METHODS else None
     cache_seconds = time.perf_counter() - t0

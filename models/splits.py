@@ -15,6 +15,16 @@ def _rank(name: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}:{name}".encode()).hexdigest()
 
 
+def _majority_labels(df: pl.DataFrame) -> pl.DataFrame:
+    """One row per group: ``group`` and its most frequent ``label``."""
+    return (
+        df.group_by("group", "label")
+        .len()
+        .sort("len", descending=True)
+        .unique("group", keep="first")
+    )
+
+
 def grouped_split(
     df: pl.DataFrame, val_fraction: float = 0.2, salt: str = "cityfuse-v1"
 ) -> pl.Series:
@@ -24,12 +34,7 @@ def grouped_split(
     salted hash and taken into validation until ``val_fraction`` of that label's rows is
     reached, with at least one group per label when the label has two or more groups.
     """
-    major = (
-        df.group_by("group", "label")
-        .len()
-        .sort("len", descending=True)
-        .unique("group", keep="first")
-    )
+    major = _majority_labels(df)
     sizes = dict(zip(*df.group_by("group").len().to_dict(as_series=False).values(), strict=True))
     val_groups: set[str] = set()
     for label in sorted(major["label"].unique()):
@@ -54,12 +59,7 @@ def grouped_folds(df: pl.DataFrame, k: int, salt: str = "cityfuse-cv") -> pl.Ser
     Groups are dealt round-robin per majority label in salted-hash order, so every fold
     holds about 1/k of each label's groups (the CCTV videos spread over all folds).
     """
-    major = (
-        df.group_by("group", "label")
-        .len()
-        .sort("len", descending=True)
-        .unique("group", keep="first")
-    )
+    major = _majority_labels(df)
     fold_of: dict[str, int] = {}
     for label in sorted(major["label"].unique()):
         groups = sorted(

@@ -31,6 +31,7 @@ from models.finetune_vision import (
     Activations,
     FinetuneConfig,
     Frames,
+    augmented_views,
     augmenter,
     bottom,
     embed_cached,
@@ -62,10 +63,7 @@ def all_views(data: Frames, acts: Activations, views: int, seed: int = 0) -> lis
     with progress() as bar:
         task = bar.add_task("stages 0-4, val views", total=len(rest))
         for i in rest:
-            x = []
-            for v in range(views):
-                torch.manual_seed(seed * 1_000_003 + v * 100_003 + int(i))
-                x.append(aug(data.raw[i]))
+            x = augmented_views(data, int(i), views, seed, aug)
             h = bottom(model, normalise(torch.stack(x))).half()
             for v in range(views):
                 out[v][i] = h[v]
@@ -85,7 +83,7 @@ def recipe(method: str) -> dict[str, Any]:
 def cross_validate(methods: list[str], folds: int = 5, threads: int = 2) -> dict[str, Any]:
     """Out-of-fold scores of each top method (see the module docstring)."""
     torch.set_num_threads(threads)
-    data = load_frames(keep_raw=True)
+    data = load_frames(keep_raw=False)  # the few views to compute decode their frame
     acts = load_activations(data, DEFAULTS["lora"].get("views", 2))
     views = all_views(data, acts, len(acts.views))
     pool = data.df["split"].is_in(["train", "val"]).to_numpy()
