@@ -1,8 +1,10 @@
-"""CrisisMMD text task heads (informative; humanitarian, 5 classes) on the text encoder's vectors.
+"""CrisisMMD text task heads (informative; humanitarian, 5 classes) on text vectors.
 
 Trained on the shared CrisisMMD train split, chosen on its dev split (the official test
 split is kept by the project). A head is a softmax regression or a one-hidden-layer MLP,
 saved as ``models/artifacts/crisismmd_<task>.safetensors`` + ``.json`` (metadata, dev scores).
+The vectors come from the CrisisMMD adapter (:mod:`models.crisismmd_adapter`) when the head's
+metadata names one (``encoder.artifact``), else from the served text encoder.
 """
 
 from __future__ import annotations
@@ -144,6 +146,13 @@ class TaskModel:
         head.load_state_dict(load_file(str(folder / f"crisismmd_{task}.safetensors")))
         return cls(task, list(meta["classes"]), head.eval(), meta)
 
+    @property
+    def encoder_artifact(self) -> str | None:
+        """The adapter file the head reads vectors of (beside the head), or None: the served
+        text vector."""
+        enc = self.meta.get("encoder") or {}
+        return str(enc["artifact"]) if enc.get("artifact") else None
+
     @torch.inference_mode()
     def predict(self, vectors: np.ndarray) -> list[str]:
         """Class names for (n, dim) text vectors."""
@@ -219,12 +228,15 @@ def train_task(
     out_dir: Path = ARTIFACT_DIR,
     cap: int | None = None,
     dev_cap: int | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the grid on CrisisMMD train, choose on dev, save the chosen head + metadata.
 
     ``cap`` keeps at most that many train tweets per (event, label) (seeded sample) to
     bound embedding time; ``dev_cap`` likewise for dev (the reported figures then carry
-    wider intervals).
+    wider intervals). ``adapter`` is the metadata of the CrisisMMD adapter ``encoder`` was
+    loaded from (its ``artifact`` is a file name beside the head), or None for the served
+    text encoder.
     """
     t0 = time.perf_counter()
     classes = CLASSES[task]
@@ -263,6 +275,7 @@ def train_task(
         "classes": classes,
         "dim": int(x_tr.shape[1]),
         "text_encoder": getattr(encoder, "version", type(encoder).__name__),
+        "encoder": adapter,
         "config": cfg,
         "grid": tried,
         "train_rows": len(train),

@@ -58,6 +58,7 @@ class FTConfig:
     # vector what the CrisisMMD task heads read. 0 = city labels only.
     crisismmd: float = 0.0
     lora_r: int = 8
+    lora_targets: str = "query,value"  # comma-separated module names LoRA wraps
     prompt_tokens: int = 16
     seed: int = 0
     tag: str = ""  # variant name suffix, e.g. "cons"
@@ -199,7 +200,7 @@ def _peft_config(method: str, cfg: FTConfig) -> Any:
             r=cfg.lora_r,
             lora_alpha=2 * cfg.lora_r,
             lora_dropout=0.0,
-            target_modules=["query", "value"],
+            target_modules=cfg.lora_targets.split(","),
         )
     if method == "ia3":
         return IA3Config(
@@ -644,6 +645,9 @@ def write_card(
         "Known misses of the served artifact's own head on clear reports (tests check the rest):",
     ]
     lines += [f"- {report!r} → `{got}` (truth `{want}`)" for report, want, got in KNOWN_MISSES]
+    from models.crisismmd_adapter import card_lines
+
+    lines += card_lines(table.parent)
     text = "\n".join(lines) + "\n"
     path.write_text(text, encoding="utf-8")
     return text

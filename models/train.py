@@ -480,21 +480,23 @@ def run_all(
     test_cap: int | None = None,
     dev_cap: int | None = None,
 ) -> None:
-    """``cityfuse train``: the fusion head and/or the CrisisMMD task heads, then the tables."""
+    """``cityfuse train``: the fusion head and/or the CrisisMMD adapter and task heads, then
+    the tables."""
     from models import crisismmd
-    from models.text import TextEncoder
+    from models.text import FINETUNED_E5, TextEncoder
 
     out_dir = out or ARTIFACT_DIR
-    encoder = TextEncoder()  # loaded once for the head, the prompts and the task heads
     if head:
         cfg = TrainConfig(steps=steps)
-        meta = run_training(
-            out_dir, cfg, search=search, text_cap=text_cap, text_enc=encoder, test_cap=test_cap
-        )
+        meta = run_training(out_dir, cfg, search=search, text_cap=text_cap, test_cap=test_cap)
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:
+        from models.crisismmd_adapter import ADAPTER, train_adapter
+
+        adapter = train_adapter(out_dir=out_dir, cap=text_cap)
+        task_encoder = TextEncoder(FINETUNED_E5, artifact=str((out_dir / ADAPTER).resolve()))
         for task in crisismmd.TASKS:
-            meta = crisismmd.train_task(task, encoder, out_dir, text_cap, dev_cap)
+            meta = crisismmd.train_task(task, task_encoder, out_dir, text_cap, dev_cap, adapter)
             dev = meta["dev"]
             console.print(
                 f"{meta['task']}: dev accuracy {dev['accuracy']['value']:.3f}, "

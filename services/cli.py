@@ -254,7 +254,10 @@ def broker(port: int | None) -> None:
     help="Artifact folder (default models/artifacts).",
 )
 @click.option(
-    "--tasks/--no-tasks", default=True, show_default=True, help="Also the CrisisMMD task heads."
+    "--tasks/--no-tasks",
+    default=True,
+    show_default=True,
+    help="Also the CrisisMMD adapter (about 20 min) and task heads.",
 )
 @click.option("--head/--no-head", default=True, show_default=True, help="The fusion head.")
 @click.option(

@@ -1,9 +1,10 @@
 """``evaluate --task crisismmd-informative|crisismmd-humanitarian``: CrisisMMD text benchmark scores.
 
 The recording's text events carry ``truth.crisismmd_informative`` or
-``truth.crisismmd_humanitarian``; each is labelled by the task head from the same text
-vector the text service produced (offline or through Kafka), and the scores go under
-``per_modality.text[<task>]`` of the metrics JSON.
+``truth.crisismmd_humanitarian``. Every such event the text service accepted (offline or
+through Kafka) is labelled by the task head: from its text, embedded by the CrisisMMD adapter
+the head was fitted on, or, for a head without one, from the vector the service produced. The
+scores go under ``per_modality.text[<task>]`` of the metrics JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.crisismmd import TaskModel, merge_label, scores, truth_key
+from models.fusion import ARTIFACT_DIR
+from models.text import FINETUNED_E5, TextEncoder
 from streams.recording import read_recording
 
 if TYPE_CHECKING:
@@ -33,6 +36,7 @@ def score_task(folder: Path, rows: list[Row], task: str) -> dict[str, Any]:
         for e in events
         if e.truth and key in e.truth
     }
+    text_of = {str(e.message.get("event_id")): str(e.message.get("text", "")) for e in events}
     picked = [
         r
         for r in rows
@@ -40,7 +44,11 @@ def score_task(folder: Path, rows: list[Row], task: str) -> dict[str, Any]:
     ]
     if not picked:
         raise ValueError(f"{folder}: no text event carries truth.{key}")
-    vectors = np.stack([r.evidence.vector for r in picked if r.evidence is not None])
+    if model.encoder_artifact:
+        encoder = TextEncoder(FINETUNED_E5, artifact=str(ARTIFACT_DIR / model.encoder_artifact))
+        vectors = encoder.encode([text_of[r.event_id] for r in picked])
+    else:
+        vectors = np.stack([r.evidence.vector for r in picked if r.evidence is not None])
     if vectors.shape[1] != model.meta["dim"]:
         raise ValueError(
             f"task head expects {model.meta['dim']}-d text vectors, the text encoder gives "
@@ -57,7 +65,12 @@ def check_task(task: str) -> None:
     """Fail fast (before any model loads) on an unknown task or a missing task head."""
     if task not in TASK_CHOICES:
         raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASK_CHOICES)})")
-    TaskModel.load(task.removeprefix("crisismmd-"))
+    model = TaskModel.load(task.removeprefix("crisismmd-"))
+    if model.encoder_artifact and not (ARTIFACT_DIR / model.encoder_artifact).is_file():
+        raise FileNotFoundError(
+            f"{ARTIFACT_DIR / model.encoder_artifact}: the task head's CrisisMMD adapter is "
+            "missing (build it: cityfuse train --tasks)"
+        )
 
 
 def print_task(result: dict[str, Any], task: str) -> None:

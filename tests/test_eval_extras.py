@@ -90,12 +90,21 @@ def test_ablation_per_language_and_task(recording: Path, models: Models, tmp_pat
     assert 0.0 <= task["accuracy"]["lo"] <= task["accuracy"]["value"] <= task["accuracy"]["hi"]
 
 
-def test_task_heads_load_and_predict_known_classes(models: Models) -> None:
-    vectors = models.text.encode([t[2] for t in TEXTS])
+def test_task_heads_read_the_shipped_adapter_and_predict_known_classes() -> None:
+    from models.fusion import ARTIFACT_DIR
+    from models.text import FINETUNED_E5, TextEncoder
+
     for task in ("informative", "humanitarian"):
         head = TaskModel.load(task)
+        assert head.encoder_artifact and (ARTIFACT_DIR / head.encoder_artifact).is_file()
+        encoder = TextEncoder(FINETUNED_E5, artifact=head.encoder_artifact)
+        assert encoder.version == head.meta["text_encoder"]  # the vectors it was fitted on
+        vectors = encoder.encode([t[2] for t in TEXTS])
         assert head.meta["dim"] == vectors.shape[1]
-        assert set(head.predict(vectors)) <= set(CLASSES[task])
+        pred = head.predict(vectors)
+        assert set(pred) <= set(CLASSES[task])
+        if task == "informative":  # clear cases: three incidents and a day at the beach
+            assert pred == [t[4] for t in TEXTS]
 
 
 def test_missing_task_head_is_one_clear_error(tmp_path: Path) -> None:

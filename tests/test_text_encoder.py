@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from models.e5_parity import Parity, parity, sample_reports
@@ -152,3 +154,27 @@ def test_the_shipped_fine_tuned_artifact_loads_and_reads_languages(
     # must still be misses: a fixed one is taken off the list).
     for report, want, got in zip(reports, truth, pred, strict=True):
         assert (got == want) != (report in misses), (report, want, got)
+
+
+def test_one_crisismmd_adapter_step_writes_an_adapter_the_text_encoder_loads(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from models.crisismmd_adapter import ADAPTER, AdapterConfig, train_adapter
+    from models.text import FINETUNED_E5, TextEncoder
+
+    torch.set_num_threads(1)
+    meta = train_adapter(AdapterConfig(steps=1, batch=4, warmup=1, lr=1e-2), tmp_path, cap=1)
+    assert meta["trainable_params"] > 100_000 and np.isfinite(meta["final_loss"])
+    # Real tweets of every event and label (cap=1: one per pair), both tasks.
+    assert meta["train_rows"]["informative"] >= 14 and meta["train_rows"]["humanitarian"] >= 20
+    state = load_file(str(tmp_path / ADAPTER))
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)  # B starts at zero
+    enc = TextEncoder(FINETUNED_E5, artifact=str(tmp_path / ADAPTER))
+    vec = enc.encode(["Crollato il ponte dopo il terremoto", "Flooded street downtown"])
+    assert vec.shape == (2, 384) and np.allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-4)
+    assert enc.version.startswith("e5ft-lora-")
