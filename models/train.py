@@ -479,9 +479,10 @@ def run_all(
     text_cap: int | None = None,
     test_cap: int | None = None,
     dev_cap: int | None = None,
+    adapter_steps: int | None = None,
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD adapter and task heads, then
-    the tables."""
+    the tables. ``adapter_steps`` overrides the adapter's step budget (a quick check)."""
     from models import crisismmd
     from models.text import FINETUNED_E5, TextEncoder
 
@@ -491,9 +492,10 @@ def run_all(
         meta = run_training(out_dir, cfg, search=search, text_cap=text_cap, test_cap=test_cap)
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:
-        from models.crisismmd_adapter import ADAPTER, train_adapter
+        from models.crisismmd_adapter import ADAPTER, AdapterConfig, train_adapter
 
-        adapter = train_adapter(out_dir=out_dir, cap=text_cap)
+        cfg_a = AdapterConfig(steps=adapter_steps) if adapter_steps else AdapterConfig()
+        adapter = train_adapter(cfg_a, out_dir=out_dir, cap=text_cap)
         task_encoder = TextEncoder(FINETUNED_E5, artifact=str((out_dir / ADAPTER).resolve()))
         for task in crisismmd.TASKS:
             meta = crisismmd.train_task(task, task_encoder, out_dir, text_cap, dev_cap, adapter)

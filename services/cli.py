@@ -291,6 +291,12 @@ def broker(port: int | None) -> None:
     default=None,
     help="At most N CrisisMMD dev tweets per (event, label) for the task heads.",
 )
+@click.option(
+    "--adapter-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Steps of the CrisisMMD adapter (default: its recipe, 900; fewer for a quick check).",
+)
 def train(
     steps: int,
     out: Path | None,
@@ -301,6 +307,7 @@ def train(
     text_cap: int | None,
     test_cap: int | None,
     dev_cap: int | None,
+    adapter_steps: int | None,
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table.
@@ -313,7 +320,7 @@ def train(
         for modality in MODALITIES:
             refinetune(modality)
 
-    run_all(out, steps, tasks, head, search, text_cap, test_cap, dev_cap)
+    run_all(out, steps, tasks, head, search, text_cap, test_cap, dev_cap, adapter_steps)
 
 
 @cli.command()

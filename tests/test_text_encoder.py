@@ -156,25 +156,34 @@ def test_the_shipped_fine_tuned_artifact_loads_and_reads_languages(
         assert (got == want) != (report in misses), (report, want, got)
 
 
-def test_one_crisismmd_adapter_step_writes_an_adapter_the_text_encoder_loads(
-    tmp_path: Path,
-) -> None:
+def test_train_tasks_cli_writes_an_adapter_and_heads_that_read_it(tmp_path: Path) -> None:
+    """``cityfuse train --no-head``: one adapter step on real tweets, then heads on its vectors."""
+    import json
+    import subprocess
+    import sys
+
     import numpy as np
-    import torch
     from safetensors.torch import load_file
 
-    from models.crisismmd_adapter import ADAPTER, AdapterConfig, train_adapter
-    from models.text import FINETUNED_E5, TextEncoder
+    from models.crisismmd import CLASSES, TaskModel
+    from models.crisismmd_adapter import ADAPTER
+    from models.text import FINETUNED_E5
 
-    torch.set_num_threads(1)
-    meta = train_adapter(AdapterConfig(steps=1, batch=4, warmup=1, lr=1e-2), tmp_path, cap=1)
-    assert meta["trainable_params"] > 100_000 and np.isfinite(meta["final_loss"])
-    # Real tweets of every event and label (cap=1: one per pair), both tasks.
-    assert meta["train_rows"]["informative"] >= 14 and meta["train_rows"]["humanitarian"] >= 20
+    cmd = [sys.executable, "-m", "services.cli", "train", "--no-head", "--adapter-steps", "1"]
+    cmd += ["--text-cap", "1", "--dev-cap", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     state = load_file(str(tmp_path / ADAPTER))
     lora_b = [v for k, v in state.items() if "lora_B" in k]
     assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)  # B starts at zero
     enc = TextEncoder(FINETUNED_E5, artifact=str(tmp_path / ADAPTER))
     vec = enc.encode(["Crollato il ponte dopo il terremoto", "Flooded street downtown"])
     assert vec.shape == (2, 384) and np.allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-4)
-    assert enc.version.startswith("e5ft-lora-")
+    for task in ("informative", "humanitarian"):
+        meta = json.loads((tmp_path / f"crisismmd_{task}.json").read_text())
+        assert meta["encoder"]["artifact"] == ADAPTER and meta["encoder"]["config"]["steps"] == 1
+        # Real tweets of every event and label (one per pair) trained the adapter.
+        assert meta["encoder"]["train_rows"][task] >= 14
+        assert meta["text_encoder"] == enc.version  # the heads were fitted on its vectors
+        head = TaskModel.load(task, tmp_path)
+        assert set(head.predict(vec)) <= set(CLASSES[task])
