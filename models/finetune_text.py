@@ -669,6 +669,8 @@ def main() -> None:
     ap.add_argument("--consistency", type=float, default=0.0)
     ap.add_argument("--crisismmd", type=float, default=0.0, help="auxiliary CrisisMMD loss weight")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
+    ap.add_argument("--lora-targets", default="query,value", help="modules LoRA wraps (lora)")
     args = ap.parse_args()
     if args.score_test:
         console.print_json(data=score_test(args.score_test))
@@ -688,6 +690,8 @@ def main() -> None:
         consistency=args.consistency,
         crisismmd=args.crisismmd,
         threads=args.threads,
+        lora_r=args.lora_r,
+        lora_targets=args.lora_targets,
     )
     v = r["val"]
     console.print(
