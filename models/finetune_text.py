@@ -32,7 +32,7 @@ from torch import nn
 
 from models.e5_convert import PASSAGE, load_e5, mean_pool
 from models.metrics import bootstrap_ci
-from models.weights import E5_SHA256, cache_dir
+from models.weights import E5_SHA256, SHIP_BYTES, cache_dir
 from streams.console import console, progress
 from streams.taxonomy import label_names
 
@@ -353,7 +353,11 @@ def run(
     # Artifacts over the 25 MB limit (full fine-tuning: ~86 MB) stay in the cache, unshipped.
     folder = out_dir if nbytes <= MAX_ARTIFACT_BYTES else work_dir()
     weights = folder / f"text_{cfg.name}.safetensors"
-    save_file(state, str(weights), metadata=_metadata(cfg))
+    meta = _metadata(cfg)
+    if folder == out_dir and nbytes > SHIP_BYTES:  # loading casts back to the fp32 parameters
+        state = {k: v.half() for k, v in state.items()}
+        meta["storage"] = "fp16"
+    save_file(state, str(weights), metadata=meta)
     result = {
         "method": cfg.name,
         "config": asdict(cfg),
@@ -477,6 +481,7 @@ def load_classifier(path: Path) -> tuple[E5Classifier, Any, FTConfig]:
 # Clear reports the served default's own head gets wrong: (report, truth, prediction). The model
 # card lists them; tests/test_text_encoder.py checks every other sanity report.
 KNOWN_MISSES: tuple[tuple[str, str, str], ...] = (
+    ("Strade allagate dopo la pioggia, il fiume è esondato", "flood", "no_incident"),
     ("Shooting at the airport, police on scene", "public_safety", "no_incident"),
 )
 

