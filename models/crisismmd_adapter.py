@@ -21,14 +21,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import polars as pl
 import torch
-from safetensors.torch import save_file
-from torch import nn
 
-from models.crisismmd import CLASSES, TASKS, capped, load_split
-from models.finetune_text import FTConfig, _metadata, build, tokenize, trainable_state
+from models.crisismmd import TASKS, capped, load_split
+from models.finetune_text import (
+    AuxTasks,
+    FTConfig,
+    _metadata,
+    build,
+    save_artifact,
+    trainable_state,
+    warmup_then_decay,
+)
 from models.fusion import ARTIFACT_DIR
 from streams.console import progress
 
@@ -67,63 +71,39 @@ class AdapterConfig:
         )
 
 
-def train_rows(task: str, cap: int | None = None) -> tuple[list[str], np.ndarray]:
-    """Cleaned train tweets of ``task`` and their class ids (``cap`` per event and label)."""
-    from models.text import clean_text
-
-    df: pl.DataFrame = load_split(task, "train")
-    if cap:
-        df = capped(df, cap)
-    y = np.array([CLASSES[task].index(v) for v in df["label"]])
-    return [clean_text(t) for t in df["text"]], y
-
-
-def class_weights(y: np.ndarray, n_classes: int, power: float) -> torch.Tensor:
-    """``(total / count) ** power``, scaled to mean 1."""
-    counts = np.maximum(np.bincount(y, minlength=n_classes), 1).astype(np.float64)
-    w = (counts.sum() / counts) ** power
-    return torch.tensor(w / w.mean(), dtype=torch.float32)
-
-
 def train_adapter(
     cfg: AdapterConfig | None = None, out_dir: Path = ARTIFACT_DIR, cap: int | None = None
 ) -> dict[str, Any]:
     """Train the adapter on both tasks, save ``out_dir/crisismmd_encoder.safetensors``.
 
-    Returns the run's metadata (config, trainable parameters, seconds, bytes, final loss);
-    the task heads record it beside their dev scores.
+    ``cap`` keeps at most that many train tweets per (event, label). Returns the run's
+    metadata (config, trainable parameters, seconds, bytes, final loss); the task heads
+    record it beside their dev scores.
     """
     cfg = cfg or AdapterConfig()
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     text_cfg = cfg.text_config()
     model, tokenizer = build("lora", text_cfg)
-    data = {t: train_rows(t, cap) for t in TASKS}
-    heads = nn.ModuleDict({t: nn.Linear(model.head.in_features, len(CLASSES[t])) for t in TASKS})
-    weights = {t: class_weights(data[t][1], len(CLASSES[t]), cfg.class_power) for t in TASKS}
+    train = {t: load_split(t, "train") for t in TASKS}
+    if cap:
+        train = {t: capped(df, cap) for t, df in train.items()}
+    tasks = AuxTasks.from_frames(train, rng_seed=cfg.seed, class_power=cfg.class_power)
     enc_params = [p for n, p in model.named_parameters() if p.requires_grad and "head" not in n]
     opt = torch.optim.AdamW(
-        [{"params": enc_params, "lr": cfg.lr}, {"params": heads.parameters(), "lr": cfg.head_lr}],
+        [
+            {"params": enc_params, "lr": cfg.lr},
+            {"params": tasks.heads.parameters(), "lr": cfg.head_lr},
+        ],
         weight_decay=0.01,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.0, 1 - s / cfg.steps)
-    )
+    sched = warmup_then_decay(opt, cfg.warmup, cfg.steps)
     t0 = time.perf_counter()
     loss = torch.zeros(())
     model.train()
     with progress() as bar:
         job = bar.add_task("CrisisMMD adapter: train", total=cfg.steps)
         for _ in range(cfg.steps):
-            loss = torch.zeros(())
-            for t in TASKS:
-                texts, y = data[t]
-                j = rng.integers(0, len(texts), cfg.batch)
-                emb = model.embed(**tokenize(tokenizer, [texts[i] for i in j], cfg.max_length))
-                logits = heads[t](emb)
-                loss = loss + nn.functional.cross_entropy(
-                    logits, torch.from_numpy(y[j]), weight=weights[t]
-                )
+            loss = tasks.loss(model, tokenizer, cfg.max_length, per_task=cfg.batch)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -132,16 +112,14 @@ def train_adapter(
     model.eval()
     # The 7-label city head in the file is the untrained one ``build`` made; only the
     # encoder's vectors are used (the task heads are fitted on them afterwards).
-    # fp16 halves the file (5.3 MB -> 2.7 MB); loading casts back to the fp32 parameters.
-    state = {k: v.half() for k, v in trainable_state(model).items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ADAPTER
+    out_dir.mkdir(parents=True, exist_ok=True)
     meta = _metadata(text_cfg) | {"purpose": "CrisisMMD text benchmark (evaluate --task)"}
-    save_file(state, str(path), metadata=meta)
+    save_artifact(trainable_state(model), path, meta)
     return {
         "artifact": ADAPTER,
         "config": asdict(cfg),
-        "train_rows": {t: len(data[t][0]) for t in TASKS},
+        "train_rows": {t: len(texts) for t, (texts, _) in tasks.rows.items()},
         "train_cap_per_event_label": cap,
         "trainable_params": int(sum(p.numel() for p in enc_params)),
         "train_seconds": round(time.perf_counter() - t0, 1),

@@ -353,11 +353,7 @@ def run(
     # Artifacts over the 25 MB limit (full fine-tuning: ~86 MB) stay in the cache, unshipped.
     folder = out_dir if nbytes <= MAX_ARTIFACT_BYTES else work_dir()
     weights = folder / f"text_{cfg.name}.safetensors"
-    meta = _metadata(cfg)
-    if folder == out_dir and nbytes > SHIP_BYTES:  # loading casts back to the fp32 parameters
-        state = {k: v.half() for k, v in state.items()}
-        meta["storage"] = "fp16"
-    save_file(state, str(weights), metadata=meta)
+    save_artifact(state, weights, _metadata(cfg), compact=folder == out_dir)
     result = {
         "method": cfg.name,
         "config": asdict(cfg),
@@ -394,9 +390,7 @@ def train_steps(
         # The auxiliary heads are a training signal only; the artifact keeps the city head.
         groups.append({"params": aux.heads.parameters(), "lr": 3 * cfg.head_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 5) * max(0.0, 1 - s / cfg.steps)
-    )
+    sched = warmup_then_decay(opt, 5, cfg.steps)
     losses: list[float] = []
     model.train()
     with progress() as bar:
@@ -420,28 +414,62 @@ def train_steps(
     return losses
 
 
-class AuxTasks:
-    """CrisisMMD informative and humanitarian batches with their own linear heads."""
+def warmup_then_decay(opt: Any, warmup: int, steps: int) -> Any:
+    """Learning rate ramped up over ``warmup`` steps, then down linearly to 0 at ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / steps)
+    )
 
-    def __init__(self, rows: dict[str, tuple[list[str], np.ndarray]], seed: int) -> None:
+
+def class_weights(y: np.ndarray, n_classes: int, power: float) -> torch.Tensor:
+    """``(total / count) ** power``, scaled to mean 1."""
+    counts = np.maximum(np.bincount(y, minlength=n_classes), 1).astype(np.float64)
+    w = (counts.sum() / counts) ** power
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+class AuxTasks:
+    """CrisisMMD informative and humanitarian batches with their own linear heads: the
+    auxiliary loss of city fine-tuning, and the whole objective of the CrisisMMD adapter."""
+
+    def __init__(
+        self, rows: dict[str, tuple[list[str], np.ndarray]], rng_seed: int, class_power: float = 0.0
+    ) -> None:
         from models.crisismmd import CLASSES
 
         self.rows = rows
         self.heads = nn.ModuleDict({t: nn.Linear(384, len(CLASSES[t])) for t in rows})
-        self.rng = np.random.default_rng(seed + 1)
+        self.rng = np.random.default_rng(rng_seed)
+        # Class-weighted cross-entropy when ``class_power`` > 0 (see class_weights).
+        self.weights = {
+            t: class_weights(y, len(CLASSES[t]), class_power)
+            for t, (_, y) in rows.items()
+            if class_power
+        }
+
+    @classmethod
+    def from_frames(
+        cls, frames: dict[str, pl.DataFrame], rng_seed: int, class_power: float = 0.0
+    ) -> AuxTasks:
+        """From CrisisMMD rows per task (``text``, merged ``label``): texts cleaned as served."""
+        from models.crisismmd import CLASSES
+        from models.text import clean_text
+
+        rows = {
+            t: (
+                [clean_text(v) for v in df["text"]],
+                np.array([CLASSES[t].index(v) for v in df["label"]]),
+            )
+            for t, df in frames.items()
+        }
+        return cls(rows, rng_seed, class_power)
 
     @classmethod
     def load(cls, seed: int) -> AuxTasks:
         """Cleaned CrisisMMD train tweets of :func:`models.crisismmd.encoder_rows`."""
-        from models.crisismmd import CLASSES, TASKS, encoder_rows
-        from models.text import clean_text
+        from models.crisismmd import TASKS, encoder_rows
 
-        rows = {}
-        for t in TASKS:
-            df = encoder_rows(t)
-            y = np.array([CLASSES[t].index(v) for v in df["label"]])
-            rows[t] = ([clean_text(v) for v in df["text"]], y)
-        return cls(rows, seed)
+        return cls.from_frames({t: encoder_rows(t) for t in TASKS}, seed + 1)
 
     def loss(self, model: E5Classifier, tokenizer: Any, max_length: int, per_task: int = 16) -> Any:
         """Sum over tasks of the cross-entropy on ``per_task`` random tweets each."""
@@ -449,8 +477,21 @@ class AuxTasks:
         for t, (texts, y) in self.rows.items():
             j = self.rng.integers(0, len(texts), per_task)
             emb = model.embed(**tokenize(tokenizer, [texts[i] for i in j], max_length))
-            total = total + nn.functional.cross_entropy(self.heads[t](emb), torch.from_numpy(y[j]))
+            logits = self.heads[t](emb)
+            target = torch.from_numpy(y[j])
+            total = total + nn.functional.cross_entropy(logits, target, weight=self.weights.get(t))
         return total
+
+
+def save_artifact(
+    state: dict[str, torch.Tensor], path: Path, meta: dict[str, str], compact: bool = True
+) -> None:
+    """Write a text artifact. With ``compact``, one over the repository's ``SHIP_BYTES`` is
+    stored fp16 (loading casts it back to the fp32 parameters)."""
+    if compact and sum(t.numel() * t.element_size() for t in state.values()) > SHIP_BYTES:
+        state = {k: v.half() for k, v in state.items()}
+        meta = {**meta, "storage": "fp16"}
+    save_file(state, str(path), metadata=meta)
 
 
 def _metadata(cfg: FTConfig) -> dict[str, str]:
