@@ -62,6 +62,9 @@ class FTConfig:
     prompt_tokens: int = 16
     seed: int = 0
     tag: str = ""  # variant name suffix, e.g. "cons"
+    # "train" while choosing; "train+val" refits a chosen recipe on the val groups too (the
+    # only other non-English events: L'Aquila, Guatemala), with every setting unchanged.
+    fit_on: str = "train"
 
     @property
     def name(self) -> str:
@@ -117,21 +120,30 @@ def labelled_rows(split: str) -> pl.DataFrame:
     )
 
 
-def load_splits(val_english: int = 1000, seed: int = 0) -> TextSplits:
-    """Train rows and the validation subset.
+FIT_ON = ("train", "train+val")
+
+
+def load_splits(val_english: int = 1000, seed: int = 0, fit_on: str = "train") -> TextSplits:
+    """Training rows and the validation subset.
 
     Validation keeps every non-English row and a fixed sample of ``val_english`` English rows:
     the product's reports are mostly es/it/pt, and one core cannot afford the full 4.5k English
-    rows per method. The sample is the same for every method.
+    rows per method. The sample is the same for every method. With ``fit_on="train+val"`` the
+    training rows are every train and val row (a refit: its val figures would be on seen data).
     """
-    val = labelled_rows("val")
+    if fit_on not in FIT_ON:
+        raise ValueError(f"fit_on must be one of {FIT_ON}, not {fit_on!r}")
+    full_val = labelled_rows("val")
     val = pl.concat(
         [
-            val.filter(pl.col("lang") != "en"),
-            val.filter(pl.col("lang") == "en").sample(val_english, seed=seed),
+            full_val.filter(pl.col("lang") != "en"),
+            full_val.filter(pl.col("lang") == "en").sample(val_english, seed=seed),
         ]
     )
-    return TextSplits(train=labelled_rows("train"), val=val.sort("key"))
+    train = labelled_rows("train")
+    if fit_on == "train+val":
+        train = pl.concat([train, full_val])
+    return TextSplits(train=train, val=val.sort("key"))
 
 
 def balanced_batches(y: np.ndarray, batch: int, steps: int, seed: int) -> Iterator[np.ndarray]:
@@ -255,9 +267,12 @@ def embed_texts(
 # --- frozen vectors and the linear head (the baseline, and every method's initial head) -----
 
 
-def frozen_vectors(splits: TextSplits, max_length: int = 64) -> dict[str, np.ndarray]:
-    """Frozen e5 vectors of the train and val rows, cached by row keys."""
-    path = work_dir() / f"frozen-{E5_SHA256[:12]}-L{max_length}.npz"
+def frozen_vectors(
+    splits: TextSplits, max_length: int = 64, fit_on: str = "train"
+) -> dict[str, np.ndarray]:
+    """Frozen e5 vectors of the training and val rows, cached by row keys."""
+    suffix = "" if fit_on == "train" else "-" + fit_on.replace("+", "")
+    path = work_dir() / f"frozen-{E5_SHA256[:12]}-L{max_length}{suffix}.npz"
     keys = splits.train["key"].to_list() + splits.val["key"].to_list()
     if path.exists():
         data = dict(np.load(path, allow_pickle=False))
@@ -324,11 +339,13 @@ def run(
 
     Weights go to ``out_dir/text_<method>.safetensors`` (the shipped artifacts by default), the
     result to ``<cache>/text-finetune/<method>.json`` (collected by :func:`write_table`).
+    A refit (``fit_on="train+val"``) has no validation score: its val rows were trained on.
     """
     torch.set_num_threads(int(overrides.pop("threads", 1)))  # the cores are shared
     cfg = FTConfig(method=method, steps=steps, tag=tag, **overrides)
-    splits = load_splits()
-    frozen = frozen_vectors(splits, cfg.max_length)
+    splits = load_splits(fit_on=cfg.fit_on)
+    refit = cfg.fit_on != "train"
+    frozen = frozen_vectors(splits, cfg.max_length, cfg.fit_on)
     ytr, yval = splits.train["y"].to_numpy(), splits.val["y"].to_numpy()
     n_labels = len(splits.labels)
     t0 = time.perf_counter()
@@ -336,17 +353,20 @@ def run(
     model, tokenizer = build(method, cfg)
     model.head.load_state_dict(head.state_dict())
     losses: list[float] = []
+    pred: np.ndarray | None = None
     if method == "head":
         with torch.no_grad():
             pred = model.head(torch.from_numpy(frozen["val"])).argmax(1).numpy()
         ms = float(frozen["ms"])
     else:
         losses = train_steps(model, tokenizer, splits, frozen["train"], cfg)
-        vecs, ms = embed_texts(
-            model, tokenizer, splits.val["text"].to_list(), cfg.max_length, f"{cfg.name}: val"
-        )
-        with torch.no_grad():
-            pred = model.head(torch.from_numpy(vecs)).argmax(1).numpy()
+        texts = splits.val["text"].to_list()
+        if refit:  # no score on seen rows; inference cost on the same texts
+            _, ms = embed_texts(model, tokenizer, texts[:256], cfg.max_length, "timing")
+        else:
+            vecs, ms = embed_texts(model, tokenizer, texts, cfg.max_length, f"{cfg.name}: val")
+            with torch.no_grad():
+                pred = model.head(torch.from_numpy(vecs)).argmax(1).numpy()
     train_s = time.perf_counter() - t0
     state = trainable_state(model)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -357,8 +377,10 @@ def run(
     result = {
         "method": cfg.name,
         "config": asdict(cfg),
-        "val": score(yval, pred, splits.val["lang"].to_numpy()),
+        "val": None if pred is None else score(yval, pred, splits.val["lang"].to_numpy()),
         "val_rows": splits.val.height,
+        "fit_on": cfg.fit_on,
+        "train_rows": splits.train.height,
         "trainable_params": int(sum(t.numel() for t in state.values())),
         "train_seconds": round(train_s, 1),
         "artifact_bytes": weights.stat().st_size,
@@ -548,9 +570,13 @@ def write_table(
     ``default`` marks the served method; an earlier test score (``score_test``) is kept.
     """
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    rows, val_rows = [], 0
+    rows, val_rows, refits = [], 0, []
     for f in sorted(work_dir().glob("*.json")):
         r = json.loads(f.read_text(encoding="utf-8"))
+        if r.get("fit_on", "train") != "train":  # a refit: no val score, not a candidate
+            keep = ("method", "fit_on", "train_rows", "train_seconds", "artifact_bytes")
+            refits.append({k: r[k] for k in keep} | {"steps": r["config"]["steps"]})
+            continue
         v, val_rows = r["val"], r["val_rows"]
         rows.append(
             {
@@ -593,6 +619,10 @@ def write_table(
         ),
         "methods": rows,
     }
+    fresh_refits = {r["method"] for r in refits}
+    refits += [r for r in old.get("refits", []) if r["method"] not in fresh_refits]
+    if refits:
+        doc["refits"] = sorted(refits, key=lambda r: r["method"])
     for key in ("test", "earlier_tests"):
         if old.get(key):
             doc[key] = old[key]
@@ -661,6 +691,13 @@ def write_card(
             + f" | {r['val_incidents_as_no_incident']:.1%} | {r['trainable_params']:,} | "
             f"{r['train_seconds']:.0f} s | {size} | {r['ms_per_batch32']:.0f} |"
         )
+    for r in doc.get("refits", []):
+        lines += [
+            "",
+            f"Refit `{r['method']}`: the same recipe on {r['fit_on']} ({r['train_rows']:,} rows,"
+            f" {r['steps']} steps, {r['train_seconds']:.0f} s, {r['artifact_bytes'] / 1e6:.2f} MB)."
+            " Its val rows are training rows, so it has no val score; nothing was chosen on it.",
+        ]
     missing = [m for m in METHODS if m not in {r["method"] for r in doc["methods"]}]
     if missing:
         lines += ["", f"Not measured in this run: {', '.join(missing)} (see the issue note)."]
@@ -669,7 +706,7 @@ def write_card(
         f1 = t["macro_f1"]
         lines += [
             "",
-            f"Test split, scored once for the default ({t['method']}, {t['rows']} rows): "
+            f"Test split, scored once for the served artifact ({t['method']}, {t['rows']} rows): "
             f"macro-F1 {f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}]; "
             + ", ".join(
                 f"{k} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})"
@@ -677,6 +714,15 @@ def write_card(
             )
             + f"; real incidents → no_incident {t['incidents_as_no_incident']:.1%}.",
         ]
+    if doc.get("earlier_tests"):
+        lines += ["", "Earlier served artifacts, each scored once on test when it shipped:"]
+    for t in doc.get("earlier_tests", []):
+        f1, langs = t["macro_f1"], t["per_language"]
+        lines.append(
+            f"- {t['method']}: macro-F1 {f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}]"
+            + "".join(f", {k} {langs[k]['value']:.3f}" for k in ("es", "it") if k in langs)
+            + f"; incidents → no_incident {t['incidents_as_no_incident']:.1%}."
+        )
     from models.text import FINETUNED_E5, text_selection
 
     if text_selection()["encoder"] != FINETUNED_E5:
@@ -717,6 +763,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (method lora)")
     ap.add_argument("--lora-targets", default="query,value", help="modules LoRA wraps (lora)")
+    ap.add_argument(
+        "--fit-on", choices=FIT_ON, default="train", help="train+val: refit a chosen recipe"
+    )
     args = ap.parse_args()
     if args.score_test:
         console.print_json(data=score_test(args.score_test))
@@ -738,8 +787,12 @@ def main() -> None:
         threads=args.threads,
         lora_r=args.lora_r,
         lora_targets=args.lora_targets,
+        fit_on=args.fit_on,
     )
     v = r["val"]
+    if v is None:
+        console.print(f"{r['method']}: refit on {r['train_rows']} rows, {r['train_seconds']} s")
+        return
     console.print(
         f"{r['method']}: val macro-F1 {v['macro_f1']['value']:.3f} "
         f"[{v['macro_f1']['lo']:.3f}, {v['macro_f1']['hi']:.3f}] "

@@ -357,12 +357,14 @@ def train_method(
                 sched.step()
                 total += float(loss.detach()) * len(idx)
                 bar.advance(task, len(idx))
-        if cached:
-            assert acts is not None
-            _, probs = embed_cached(model, acts.clean[va])
-        else:
-            _, probs = embed(model, data.crops[va], "val")
-        f1 = metrics.macro_f1(val_truth, _predict(probs))
+        f1 = float("nan")  # a refit on train + val has no val rows to score
+        if len(va):
+            if cached:
+                assert acts is not None
+                _, probs = embed_cached(model, acts.clean[va])
+            else:
+                _, probs = embed(model, data.crops[va], "val")
+            f1 = metrics.macro_f1(val_truth, _predict(probs))
         history.append({"epoch": epoch, "loss": total / len(order), "val_macro_f1": f1})
         console.print(
             f"{cfg.method} epoch {epoch}: loss {total / len(order):.3f}, val macro-F1 {f1:.3f}"
@@ -460,10 +462,12 @@ def reference_study(
     return out
 
 
-def save_artifact(model: Any, cfg: FinetuneConfig, out_dir: Path) -> Path:
-    """The trained tensors (+ classifier) as safetensors, with method and base-weight hash."""
+def save_artifact(model: Any, cfg: FinetuneConfig, out_dir: Path, name: str = "") -> Path:
+    """The trained tensors (+ classifier) as safetensors, with method and base-weight hash.
+
+    ``name``: the file's stem after ``vision_`` (default: the method)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"vision_{cfg.method}.safetensors"
+    path = out_dir / f"vision_{name or cfg.method}.safetensors"
     meta = {
         "method": cfg.method,
         "labels": json.dumps(label_names()),
@@ -637,6 +641,17 @@ def write_card(out_dir: Path = ARTIFACT_DIR) -> Path:
         ),
         None,
     )
+    refit_txt = ""
+    if default is not None and default.get("refit_of"):
+        # A refit has no val figure of its own: the rows above are those of its recipe.
+        refit_txt = (
+            f"\nServed: `{default['artifact']}`, the `{default['refit_of']}` recipe refitted on "
+            f"train + val ({default['train_rows']} frames, {default['config']['epochs']} epochs, "
+            f"last kept; `python -m models.vision_cv --refit {default['refit_of']}`, "
+            f"{default['train_seconds']:.0f} s). Its val rows are training rows, so it has no val "
+            "figure; the recipe's are in the tables, its own is the test score below.\n"
+        )
+        default = table.get(default["refit_of"])
     if default is not None:
         for name, s in default["val"].items():
             m = s["macro_f1"]
@@ -691,7 +706,7 @@ classifier; their metadata names the method and the base sha256 (checked on load
 Default (`configs/models.json` key `image`): `{sel.get("artifact", "frozen base")}`,
 camera reference {"on" if sel.get("camera_reference") else "off"}.
 Rebuild: `cityfuse finetune --modality image --method <method>`.
-
+{refit_txt}
 Splits: `models.splits.three_way(image_table(), "image")`; every choice on **val**; test
 scored once. CCTV = groups `ckay16_*`. Intervals: 95% percentile bootstrap over rows.
 Augmentation (train only): random resized crop (scale 0.4-1), flip, rotation <= 8 deg,

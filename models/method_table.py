@@ -115,9 +115,10 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
             # Earlier defaults scored on test stay on record (each scored once, when shipped).
             for t in data.get("earlier_tests", []):
                 rows.append({**t, "method": f"{t['method']} (earlier default)", "split": "test"})
-        elif isinstance(test, dict) and "scores" in test:  # vision: the best val artifact
-            best = str(data.get("best_val", {}).get("artifact", "?"))
-            method = best.removeprefix("vision_").removesuffix(".safetensors")
+        elif isinstance(test, dict) and "scores" in test:  # vision: the served artifact
+            # encoder_version is "vision_<name>-<hash>"; the name says which artifact it was.
+            method = str(test.get("encoder_version", "?")).removeprefix("vision_")
+            method = method.rsplit("-", 1)[0]
             own = test["scores"].get("own_classifier", {})
             rows = [*rows, {**own, "method": method, "split": "test", "default": True}]
             for t in data.get("earlier_tests", []):
@@ -127,6 +128,9 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
         for r in rows:
             split = _first(r, "split", "scored_on") or ("test" if "test_macro_f1" in r else "val")
             method = str(_first(r, "method", "name") or "?")
+            if r.get("fit_on"):  # a refit of a chosen recipe: no val figure of its own
+                method += f" refit on {r['fit_on']}"
+                split = "-"
             if r.get("default"):
                 method += " (default)"
             out.append(

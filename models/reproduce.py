@@ -57,6 +57,10 @@ def refinetune(modality: str, folder: Path = ARTIFACT_DIR) -> dict[str, Any] | N
     if modality == "image":
         from models import finetune_vision
 
+        if config.get("extra", {}).get("fit_on") == "train+val":
+            from models.vision_cv import refit
+
+            return refit(method, threads=int(config.get("threads", 1)), out_dir=folder)
         return finetune_vision.run(
             method,
             epochs=int(config["epochs"]),

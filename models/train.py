@@ -412,12 +412,16 @@ def run_training(
     text_cap: int | None = None,
     text_enc: Any = None,
     test_cap: int | None = None,
+    choices: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Embed, split three ways, choose on val, refit on train+val, score test once, write.
 
     ``search`` tries the hyper-parameter grid on val (else ``cfg`` as given); ``refit``
     retrains the shipped head on train + val with the val choices (test stays unseen);
     ``fewshot`` measures a held-out label added back from k examples (``models/fewshot.py``).
+    ``choices``: an earlier head's metadata whose val choices (config, ``no_incident`` offset,
+    temperature) are taken as they are, for encoders refitted on train + val: their val
+    vectors are training data, so nothing may be chosen on them again.
     """
     from models import fusion_eval, model_card
 
@@ -430,6 +434,8 @@ def run_training(
     info["text_cap"], info["test_cap"] = text_cap, test_cap
     base = replace(base, blank_view=info["blank_view"])
     prompts = label_prompts(text_enc)
+    if choices is not None:
+        return _refit_with(choices, pools, info, base, prompts, out_dir, started)
     grid: list[dict[str, Any]] = []
     chosen = base
     if search:
@@ -470,6 +476,38 @@ def run_training(
     return meta
 
 
+def _refit_with(
+    choices: dict[str, Any],
+    pools: dict[str, dict[str, Pool]],
+    info: dict[str, Any],
+    base: TrainConfig,
+    prompts: np.ndarray,
+    out_dir: Path,
+    started: float,
+) -> dict[str, Any]:
+    """Train on train + val with an earlier head's val choices; score test once; write."""
+    from models import fusion_eval, model_card
+
+    val = choices["validation"]
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    chosen = replace(
+        base,
+        **{k: v for k, v in choices["train_config"].items() if k in known and k != "blank_view"},
+    )
+    train_val = {m: p.concat(pools["val"][m]) for m, p in pools["train"].items()}
+    head = train_head(train_val, chosen, prompts)
+    head.bias.data[label_names().index("no_incident")] += val["no_incident_offset"]
+    head.temperature.fill_(val["temperature"])
+    test_report = fusion_eval.score_test(head, pools["test"], chosen)
+    val_info = {**val, "choices_from": choices["version"]}
+    info["train_seconds"] = round(time.perf_counter() - started, 1)
+    info["refit_on_train_val"] = True
+    info["choices_from"] = choices["version"]
+    meta = model_card.write_artifact(head, chosen, val_info, test_report, info, out_dir)
+    model_card.print_report(val_info, test_report)
+    return meta
+
+
 def run_all(
     out: Path | None,
     steps: int = 1500,
@@ -480,16 +518,23 @@ def run_all(
     test_cap: int | None = None,
     dev_cap: int | None = None,
     adapter_steps: int | None = None,
+    choices_from: Path | None = None,
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD adapter and task heads, then
-    the tables. ``adapter_steps`` overrides the adapter's step budget (a quick check)."""
+    the tables. ``adapter_steps`` overrides the adapter's step budget (a quick check);
+    ``choices_from`` (a ``fusion_head.json``) reuses its val choices (see :func:`run_training`)."""
+    import json
+
     from models import crisismmd
     from models.text import FINETUNED_E5, TextEncoder
 
     out_dir = out or ARTIFACT_DIR
     if head:
         cfg = TrainConfig(steps=steps)
-        meta = run_training(out_dir, cfg, search=search, text_cap=text_cap, test_cap=test_cap)
+        choices = json.loads(choices_from.read_text()) if choices_from else None
+        meta = run_training(
+            out_dir, cfg, search=search, text_cap=text_cap, test_cap=test_cap, choices=choices
+        )
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:
         from models.crisismmd_adapter import ADAPTER, AdapterConfig, train_adapter

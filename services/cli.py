@@ -297,6 +297,13 @@ def broker(port: int | None) -> None:
     default=None,
     help="Steps of the CrisisMMD adapter (default: its recipe, 900; fewer for a quick check).",
 )
+@click.option(
+    "--choices-from",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="A fusion_head.json whose val choices (config, no_incident offset, temperature) are "
+    "reused as they are: for encoders refitted on train + val, whose val vectors are seen.",
+)
 def train(
     steps: int,
     out: Path | None,
@@ -308,6 +315,7 @@ def train(
     test_cap: int | None,
     dev_cap: int | None,
     adapter_steps: int | None,
+    choices_from: Path | None,
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table.
@@ -320,7 +328,9 @@ def train(
         for modality in MODALITIES:
             refinetune(modality)
 
-    run_all(out, steps, tasks, head, search, text_cap, test_cap, dev_cap, adapter_steps)
+    run_all(
+        out, steps, tasks, head, search, text_cap, test_cap, dev_cap, adapter_steps, choices_from
+    )
 
 
 @cli.command()

@@ -35,7 +35,14 @@ def test_vision_recipe_is_fully_replayed() -> None:
     name = selected_artifact("image")
     assert name is not None
     method, config = recipe(ARTIFACT_DIR / name)
+    # A refit on train + val (models.vision_cv.refit) records only that in ``extra``.
+    extra = {"fit_on": "train+val"} if config["extra"] else {}
+    assert config["extra"] == extra
     rebuilt = finetune_vision.FinetuneConfig(
-        method=method, epochs=config["epochs"], lr=config["lr"], threads=config["threads"]
+        method=method,
+        epochs=config["epochs"],
+        lr=config["lr"],
+        threads=config["threads"],
+        extra=extra,
     )
     assert dataclasses.asdict(rebuilt) == config
