@@ -482,7 +482,7 @@ def save_artifact(model: Any, cfg: FinetuneConfig, out_dir: Path, name: str = ""
     return path
 
 
-def update_methods_file(key: str, row: dict[str, Any], out_dir: Path = ARTIFACT_DIR) -> None:
+def update_methods_file(key: str, row: Any, out_dir: Path = ARTIFACT_DIR) -> None:
     """Set one entry of ``vision_methods.json`` (the method table's source)."""
     import fcntl
 
@@ -652,6 +652,7 @@ def write_card(out_dir: Path = ARTIFACT_DIR) -> Path:
             "figure; the recipe's are in the tables, its own is the test score below.\n"
         )
         default = table.get(default["refit_of"])
+        chosen = default.get("artifact") if default else chosen
     if default is not None:
         for name, s in default["val"].items():
             m = s["macro_f1"]
@@ -777,6 +778,11 @@ def score_test(
         pred = [fusion.predict([Evidence("image", v)]).label for v in vecs]
         result["fusion_version"] = fusion.version
         result["scores"]["fusion_head_image_only"] = scores(df, pred)
+    table = json.loads((out_dir / METHODS_FILE).read_text())
+    earlier = table.get("test")
+    if earlier and earlier.get("encoder_version") != result["encoder_version"]:
+        # Every look at test stays on record: the earlier served encoder's score is kept.
+        update_methods_file("earlier_tests", [*table.get("earlier_tests", []), earlier], out_dir)
     update_methods_file("test", result, out_dir)
     return result
 

@@ -147,6 +147,14 @@ def model_card(meta: dict[str, Any]) -> str:
         if data.get("refit_on_train_val")
         else "trained on train only"
     )
+    if data.get("choices_from"):
+        # Encoders refitted on train + val: their val vectors are seen, so nothing was chosen
+        # again; the val figures below are those of the head that made the choices.
+        refit = (
+            f"trained on train + val with the choices of `{data['choices_from']}` (made on val"
+            " with the train-only encoders) taken as they are, because the served text and"
+            " frame encoders are refits on train + val and their val vectors are seen"
+        )
     return f"""# Model card: CityFuse fusion head `{meta["version"]}`
 
 Late-fusion classification head over the encoders' vectors. Text view: `{data["text_encoder"]}`
@@ -178,7 +186,7 @@ events are train/val). Text val events: {", ".join(data["text_groups"]["val"])}.
 Val grid (mean of fused and text macro-F1 chosen):
 {grid or "- (no search: given configuration)"}
 
-## Validation (train-only head, after the offset; used for choices)
+## Validation (train-only head{" of " + data["choices_from"] if data.get("choices_from") else ""}, after the offset; used for choices)
 {_table(("set", "n", "accuracy", "macro-F1"), val_rows)}
 
 ## Test groups (shipped head, scored once)
