@@ -65,6 +65,8 @@ class FTConfig:
     # "train" while choosing; "train+val" refits a chosen recipe on the val groups too (the
     # only other non-English events: L'Aquila, Guatemala), with every setting unchanged.
     fit_on: str = "train"
+    # WiSE-FT (models/text_wise.py): load base + wise * (LoRA delta); 1 = as trained.
+    wise: float = 1.0
 
     @property
     def name(self) -> str:
@@ -538,7 +540,18 @@ def load_classifier(path: Path) -> tuple[E5Classifier, Any, FTConfig]:
     if missing:
         raise ValueError(f"{path}: tensors not in the model: {sorted(missing)[:3]}")
     model.load_state_dict(load_file(str(path)), strict=False)
+    if cfg.wise != 1.0:
+        scale_lora(model, cfg.wise)
     return model.eval(), tokenizer, cfg
+
+
+def scale_lora(model: E5Classifier, wise: float) -> None:
+    """``base + wise * delta`` (WiSE-FT): the LoRA delta is ``B @ A``, so scaling every ``B``
+    before the merge is exact."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(wise)
 
 
 # Clear reports the served default's own head gets wrong: (report, truth, prediction). The model
@@ -737,6 +750,25 @@ def write_card(
         "Known misses of the served artifact's own head on clear reports (tests check the rest):",
     ]
     lines += [f"- {report!r} → `{got}` (truth `{want}`)" for report, want, got in KNOWN_MISSES]
+    wise = table.parent / "text_wise.json"
+    if wise.exists():  # models/text_wise.py: WiSE-FT study on val
+        w = json.loads(wise.read_text(encoding="utf-8"))
+        lines += [
+            "",
+            f"WiSE-FT (base + wise x LoRA delta of `{w['artifact']}`, a linear head refitted per"
+            " wise on the train rows; val; `python -m models.text_wise --study ...`):",
+            "",
+            "| wise | val macro-F1 [95% CI] | en | es | it | pt | incidents → no_incident |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in w["rows"]:
+            f1, lang = r["val"]["macro_f1"], r["val"]["per_language"]
+            lines.append(
+                f"| {r['wise']:g} | {f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}] | "
+                + " | ".join(f"{lang[k]['value']:.3f}" if k in lang else "-" for k in LANGS)
+                + f" | {r['val']['incidents_as_no_incident']:.1%} |"
+            )
+        lines += ["", f"Chosen by the text rule: wise = {w['chosen']:g}."]
     from models.crisismmd_adapter import card_lines
 
     lines += card_lines(table.parent)

@@ -413,6 +413,7 @@ def run_training(
     text_enc: Any = None,
     test_cap: int | None = None,
     choices: dict[str, Any] | None = None,
+    choices_only: bool = False,
 ) -> dict[str, Any]:
     """Embed, split three ways, choose on val, refit on train+val, score test once, write.
 
@@ -422,6 +423,8 @@ def run_training(
     ``choices``: an earlier head's metadata whose val choices (config, ``no_incident`` offset,
     temperature) are taken as they are, for encoders refitted on train + val: their val
     vectors are training data, so nothing may be chosen on them again.
+    ``choices_only``: stop after the val choices (no refit, no test look) and write them to
+    ``out_dir/fusion_choices.json``, for a later ``choices`` run on refitted encoders.
     """
     from models import fusion_eval, model_card
 
@@ -461,6 +464,8 @@ def run_training(
         from models import fewshot as few
 
         few.write(few.measure(pools, chosen, prompts), out_dir)
+    if choices_only:
+        return _write_choices(chosen, val_info, info, out_dir, started)
     if refit:
         # Same choices, twice the crisis events: the val groups are real unseen-event
         # variety the train groups lack (12 events each); test stays untouched.
@@ -474,6 +479,38 @@ def run_training(
     meta = model_card.write_artifact(head, chosen, val_info, test_report, info, out_dir)
     model_card.print_report(val_info, test_report)
     return meta
+
+
+CHOICES_FILE = "fusion_choices.json"
+
+
+def _write_choices(
+    chosen: TrainConfig,
+    val_info: dict[str, Any],
+    info: dict[str, Any],
+    out_dir: Path,
+    started: float,
+) -> dict[str, Any]:
+    """The val choices alone (what ``--choices-from`` reads), with the encoders they were
+    made on; no head is shipped and test is not looked at."""
+    import json
+    from dataclasses import asdict
+    from datetime import UTC, datetime
+
+    info["train_seconds"] = round(time.perf_counter() - started, 1)
+    doc = {
+        "version": "choices-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+        "train_config": asdict(chosen),
+        "validation": val_info,
+        "data": info,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CHOICES_FILE).write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    console.print(
+        f"val choices {doc['version']}: {chosen}; no_incident offset "
+        f"{val_info['no_incident_offset']:+.2f}, temperature {val_info['temperature']:.3f}"
+    )
+    return doc
 
 
 def _refit_with(
@@ -519,6 +556,7 @@ def run_all(
     dev_cap: int | None = None,
     adapter_steps: int | None = None,
     choices_from: Path | None = None,
+    choices_only: bool = False,
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD adapter and task heads, then
     the tables. ``adapter_steps`` overrides the adapter's step budget (a quick check);
@@ -533,7 +571,13 @@ def run_all(
         cfg = TrainConfig(steps=steps)
         choices = json.loads(choices_from.read_text()) if choices_from else None
         meta = run_training(
-            out_dir, cfg, search=search, text_cap=text_cap, test_cap=test_cap, choices=choices
+            out_dir,
+            cfg,
+            search=search,
+            text_cap=text_cap,
+            test_cap=test_cap,
+            choices=choices,
+            choices_only=choices_only,
         )
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:
@@ -549,7 +593,7 @@ def run_all(
                 f"{meta['task']}: dev accuracy {dev['accuracy']['value']:.3f}, "
                 f"macro-F1 {dev['macro_f1']['value']:.3f} ({meta['kind']}, {meta['config']})"
             )
-    if out is None:  # the shipped artifacts changed: regenerate the generated tables
+    if out is None and not choices_only:  # the shipped artifacts changed: regenerate tables
         from models.method_table import update_docs
 
         update_docs()

@@ -304,6 +304,12 @@ def broker(port: int | None) -> None:
     help="A fusion_head.json whose val choices (config, no_incident offset, temperature) are "
     "reused as they are: for encoders refitted on train + val, whose val vectors are seen.",
 )
+@click.option(
+    "--choices-only",
+    is_flag=True,
+    default=False,
+    help="Stop after the val choices (no refit, no test look); write fusion_choices.json.",
+)
 def train(
     steps: int,
     out: Path | None,
@@ -316,6 +322,7 @@ def train(
     dev_cap: int | None,
     adapter_steps: int | None,
     choices_from: Path | None,
+    choices_only: bool,
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table.
@@ -329,7 +336,17 @@ def train(
             refinetune(modality)
 
     run_all(
-        out, steps, tasks, head, search, text_cap, test_cap, dev_cap, adapter_steps, choices_from
+        out,
+        steps,
+        tasks,
+        head,
+        search,
+        text_cap,
+        test_cap,
+        dev_cap,
+        adapter_steps,
+        choices_from,
+        choices_only,
     )
 
 

@@ -187,3 +187,38 @@ def test_train_tasks_cli_writes_an_adapter_and_heads_that_read_it(tmp_path: Path
         assert meta["text_encoder"] == enc.version  # the heads were fitted on its vectors
         head = TaskModel.load(task, tmp_path)
         assert set(head.predict(vec)) <= set(CLASSES[task])
+
+
+def test_wise_scales_the_lora_delta_exactly(tmp_path: Path) -> None:
+    """WiSE-FT: at wise 0 a LoRA classifier is the base e5; an artifact whose recipe says
+    wise 0.5 loads as half the delta (the file keeps the trained adapter)."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from models.finetune_text import ARTIFACTS, build, load_classifier, scale_lora, tokenize
+    from models.text import text_selection
+
+    src = ARTIFACTS / str(text_selection()["artifact"])
+    model, tok, cfg = load_classifier(src)
+    assert cfg.method == "lora"
+    batch = tokenize(tok, ["Incendio en el edificio", "fiume esondato"], 64)
+    with torch.inference_mode():
+        tuned = model.embed(**batch)
+        base_model, _ = build("head")
+        base = base_model.embed(**batch)
+    assert not torch.allclose(tuned, base, atol=1e-3)  # the adapter moves the vectors
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    half = tmp_path / "half.safetensors"
+    meta["config"] = json.dumps({**json.loads(meta["config"]), "wise": 0.5})
+    save_file(load_file(str(src)), str(half), metadata=meta)
+    loaded, _, cfg_half = load_classifier(half)
+    assert cfg_half.wise == 0.5
+    scale_lora(model, 0.5)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.embed(**batch), model.embed(**batch), atol=1e-5)
+        scale_lora(model, 0.0)
+        assert torch.allclose(model.embed(**batch), base, atol=1e-5)
