@@ -130,7 +130,7 @@ def model_card(meta: dict[str, Any]) -> str:
     cfg = meta["train_config"]
     base = "\n".join(f"- {k}: `{v}`" for k, v in meta["base_weights"].items())
     grid = "\n".join(
-        f"- hidden {g['hidden']}, dropout {g['dropout']}: fused {g['val_fused_macro_f1']:.3f},"
+        f"- hidden {g['hidden']}, dropout {g['dropout']}, prompts {g.get('prompt_langs', 'en')}: fused {g['val_fused_macro_f1']:.3f},"
         f" text {g['val_text_macro_f1']:.3f}"
         for g in val.get("grid", [])
     )

@@ -78,13 +78,15 @@ class TrainConfig:
     blank_view: tuple[int, int] | None = None
     view_dropout: float = 0.5
     seed: int = 0
+    # Languages of the label descriptions averaged into the zero-shot prompts (label_prompts).
+    prompt_langs: str = "en"
 
 
 # Tried on the validation groups; the best mean of fused and text val macro-F1 is kept.
 GRID: list[dict[str, Any]] = [
-    {"hidden": 128, "dropout": 0.5},
-    {"hidden": 256, "dropout": 0.5},
-    {"hidden": 128, "dropout": 0.3},
+    {"hidden": h, "dropout": d, "prompt_langs": p}
+    for p in ("en", "en,es,it,pt")
+    for h, d in ((128, 0.5), (256, 0.5), (128, 0.3))
 ]
 
 
@@ -268,11 +270,24 @@ def choose_offset(logits: torch.Tensor, y: torch.Tensor) -> float:
     return best[2]
 
 
-def label_prompts(encoder: Any) -> np.ndarray:
-    """Text-view vectors of the label descriptions in configs/labels.json (zero-shot prior)."""
+PROMPT_LANGS = ("en", "en,es,it,pt")
+
+
+def label_prompts(encoder: Any, langs: str = "en") -> np.ndarray:
+    """Text-view vectors of the label descriptions in configs/labels.json (zero-shot prior).
+
+    ``langs`` other than ``en``: each prompt is the normalised mean of the description and its
+    translations in those languages, so no language's wording is the prior's only anchor."""
     from streams.taxonomy import labels
 
-    return np.asarray(encoder.encode([lab.description for lab in labels()]))
+    out = []
+    for lab in labels():
+        texts = [lab.description] + [
+            lab.translations[g] for g in langs.split(",") if g != "en" and g in lab.translations
+        ]
+        v = np.asarray(encoder.encode(texts), dtype=np.float32).mean(0)
+        out.append(v / max(float(np.linalg.norm(v)), 1e-12))
+    return np.stack(out)
 
 
 def blank_view_of(encoder: object) -> tuple[int, int] | None:
@@ -365,14 +380,17 @@ def load_pools(
 
 
 def choose(
-    train: dict[str, Pool], val: dict[str, Pool], base: TrainConfig, prompts: np.ndarray
+    train: dict[str, Pool],
+    val: dict[str, Pool],
+    base: TrainConfig,
+    prompts: dict[str, np.ndarray],
 ) -> tuple[TrainConfig, FusionHead, list[dict[str, Any]]]:
     """Try ``GRID`` on val; the best mean of fused and text val macro-F1 wins (with its head)."""
     tried: list[dict[str, Any]] = []
     best: tuple[float, TrainConfig, FusionHead] | None = None
     for params in GRID:
         cfg = replace(base, **params)
-        head = train_head(train, cfg, prompts)
+        head = train_head(train, cfg, prompts[cfg.prompt_langs])
         rep, _, _ = evaluate_head(head, val, cfg)
         fused = rep["fused_incidents"]["macro_f1"]  # type: ignore[index]
         text = rep["text"]["macro_f1"] if "text" in rep else fused  # type: ignore[index]
@@ -436,7 +454,7 @@ def run_training(
     pools, info = load_pools(text_cap=text_cap, text_enc=text_enc, test_cap=test_cap)
     info["text_cap"], info["test_cap"] = text_cap, test_cap
     base = replace(base, blank_view=info["blank_view"])
-    prompts = label_prompts(text_enc)
+    prompts = {langs: label_prompts(text_enc, langs) for langs in PROMPT_LANGS}
     if choices is not None:
         return _refit_with(choices, pools, info, base, prompts, out_dir, started)
     grid: list[dict[str, Any]] = []
@@ -444,7 +462,7 @@ def run_training(
     if search:
         chosen, head, grid = choose(pools["train"], pools["val"], base, prompts)
     else:
-        head = train_head(pools["train"], chosen, prompts)
+        head = train_head(pools["train"], chosen, prompts[chosen.prompt_langs])
     val_report, _, _ = evaluate_head(head, pools["val"], chosen)
     fused_logits, fused_y = val_logits(head, pools["val"], chosen)["fused_incidents"]
     offset = choose_offset(fused_logits, fused_y)
@@ -463,14 +481,14 @@ def run_training(
     if fewshot:  # a label held out of training, added back from k examples; scored on val
         from models import fewshot as few
 
-        few.write(few.measure(pools, chosen, prompts), out_dir)
+        few.write(few.measure(pools, chosen, prompts[chosen.prompt_langs]), out_dir)
     if choices_only:
         return _write_choices(chosen, val_info, info, out_dir, started)
     if refit:
         # Same choices, twice the crisis events: the val groups are real unseen-event
         # variety the train groups lack (12 events each); test stays untouched.
         train_val = {m: p.concat(pools["val"][m]) for m, p in pools["train"].items()}
-        head = train_head(train_val, chosen, prompts)
+        head = train_head(train_val, chosen, prompts[chosen.prompt_langs])
         head.bias.data[ni] += offset
     head.temperature.fill_(temperature)
     test_report = fusion_eval.score_test(head, pools["test"], chosen)
@@ -518,7 +536,7 @@ def _refit_with(
     pools: dict[str, dict[str, Pool]],
     info: dict[str, Any],
     base: TrainConfig,
-    prompts: np.ndarray,
+    prompts: dict[str, np.ndarray],
     out_dir: Path,
     started: float,
 ) -> dict[str, Any]:
@@ -532,7 +550,7 @@ def _refit_with(
         **{k: v for k, v in choices["train_config"].items() if k in known and k != "blank_view"},
     )
     train_val = {m: p.concat(pools["val"][m]) for m, p in pools["train"].items()}
-    head = train_head(train_val, chosen, prompts)
+    head = train_head(train_val, chosen, prompts[chosen.prompt_langs])
     head.bias.data[label_names().index("no_incident")] += val["no_incident_offset"]
     head.temperature.fill_(val["temperature"])
     test_report = fusion_eval.score_test(head, pools["test"], chosen)

@@ -30,6 +30,8 @@ class Label(BaseModel):
     name: str
     description: str
     colour: str
+    # The description in other languages (es/it/pt), for a multilingual zero-shot prompt.
+    translations: dict[str, str] = {}
 
 
 @lru_cache(maxsize=1)

@@ -101,3 +101,17 @@ def test_eval_incidents_are_not_augmented() -> None:
     assert bool((mask["transcript"] == mask["audio"]).all())
     x, mask, _ = sample_incidents(pools, 300, rng, cfg, augment=True)
     assert bool((x["text"][:, :, :4] == 0).all())  # training: the view is blanked
+
+
+def test_multilingual_prompts_average_the_translations(models: Models) -> None:
+    """Each label's multilingual prompt is a unit vector nearer its own English description
+    than any other label's, and differs from the English-only prompt (the translations count)."""
+    from models.train import PROMPT_LANGS, label_prompts
+
+    en = label_prompts(models.text, "en")
+    multi = label_prompts(models.text, PROMPT_LANGS[-1])
+    assert multi.shape == en.shape == (len(label_names()), 384)
+    assert np.allclose(np.linalg.norm(multi, axis=1), 1.0, atol=1e-5)
+    sims = multi @ en.T
+    assert (sims.argmax(1) == np.arange(len(label_names()))).all()
+    assert (np.diag(sims) < 0.999).all()
