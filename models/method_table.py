@@ -111,7 +111,7 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
         rows = _rows_of(data)
         test = data.get("test") if isinstance(data, dict) else None
         if isinstance(test, dict) and "macro_f1" in test:  # text: the default, scored once
-            rows = [*rows, {**test, "split": "test", "default": True}]
+            rows = [*rows, {**test, "split": "test", "served": True}]
             # Earlier defaults scored on test stay on record (each scored once, when shipped).
             for t in data.get("earlier_tests", []):
                 rows.append({**t, "method": f"{t['method']} (earlier default)", "split": "test"})
@@ -120,7 +120,7 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
             method = str(test.get("encoder_version", "?")).removeprefix("vision_")
             method = method.rsplit("-", 1)[0]
             own = test["scores"].get("own_classifier", {})
-            rows = [*rows, {**own, "method": method, "split": "test", "default": True}]
+            rows = [*rows, {**own, "method": method, "split": "test", "served": True}]
             for t in data.get("earlier_tests", []):
                 earlier = str(t.get("encoder_version", "?")).split("-")[0].removeprefix("vision_")
                 own = t["scores"].get("own_classifier", {})
@@ -133,6 +133,8 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
                 split = "-"
             if r.get("default"):
                 method += " (default)"
+            if r.get("served"):  # the test row of the served artifact (a refit, or the default)
+                method += " (served)"
             out.append(
                 (
                     str(r.get("modality", default_mod)),
