@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
 from models.datasets import image_table, text_table
@@ -115,3 +116,48 @@ def test_multilingual_prompts_average_the_translations(models: Models) -> None:
     sims = multi @ en.T
     assert (sims.argmax(1) == np.arange(len(label_names()))).all()
     assert (np.diag(sims) < 0.999).all()
+
+
+def test_refit_with_earlier_choices_trains_on_train_and_val(models: Models, tmp_path: Path) -> None:
+    """``cityfuse train --choices-from``: the head trains on train + val with the earlier
+    head's config, offset and temperature taken as they are, and names where they came from."""
+    from dataclasses import asdict
+
+    from models.train import _refit_with, label_prompts
+
+    texts, images = text_table(), image_table()
+    t_split, i_split = three_way(texts, "text"), three_way(images, "image")
+    pools = {
+        s: {
+            "text": _pool(models, _slice(texts.filter(t_split == s), 3), "text"),
+            "image": _pool(models, _slice(images.filter(i_split == s), 2), "image"),
+        }
+        for s in ("train", "val", "test")
+    }
+    cfg = TrainConfig(steps=40, batch=32, hidden=64)
+    choices = {
+        "version": "fusion-earlier",
+        "train_config": asdict(cfg),
+        "validation": {"no_incident_offset": 1.5, "temperature": 0.7, "grid": []},
+    }
+    choices["validation"] |= {"before_offset": {}, "after_offset": {}}
+    info = {
+        "text_encoder": "test",
+        "rows": {},
+        "text_groups": {"train": [], "val": [], "test": []},
+        "blank_view": None,
+    }
+    prompts = {"en": label_prompts(models.text, "en")}
+    meta = _refit_with(choices, pools, info, cfg, prompts, tmp_path, 0.0)
+    assert meta["data"]["choices_from"] == "fusion-earlier"
+    assert meta["train_config"]["hidden"] == 64 and meta["train_config"]["steps"] == 40
+    loaded = FusionModel.load(tmp_path)
+    assert float(loaded.head.temperature) == pytest.approx(0.7)
+    # The same training without the offset: only the no_incident bias differs, by 1.5.
+    both = {m: p.concat(pools["val"][m]) for m, p in pools["train"].items()}
+    plain = train_head(both, cfg, prompts["en"])
+    ni = label_names().index("no_incident")
+    delta = (loaded.head.bias - plain.bias).detach().numpy()
+    assert delta[ni] == pytest.approx(1.5, abs=1e-5)
+    assert np.allclose(np.delete(delta, ni), 0.0, atol=1e-5)
+    assert "choices of `fusion-earlier`" in (tmp_path / "MODEL_CARD.md").read_text()
