@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from models.e5_convert import PASSAGE, load_e5, mean_pool
 from models.metrics import bootstrap_ci
-from models.weights import E5_SHA256, SHIP_BYTES, cache_dir
+from models.weights import E5_SHA256, REFIT_SUFFIX, SHIP_BYTES, cache_dir
 from streams.console import console, progress
 from streams.taxonomy import label_names
 
@@ -345,8 +345,10 @@ def run(
     """
     torch.set_num_threads(int(overrides.pop("threads", 1)))  # the cores are shared
     cfg = FTConfig(method=method, steps=steps, tag=tag, **overrides)
-    splits = load_splits(fit_on=cfg.fit_on)
     refit = cfg.fit_on != "train"
+    if refit and not cfg.tag.endswith(REFIT_SUFFIX):
+        cfg = replace(cfg, tag=cfg.tag + REFIT_SUFFIX)
+    splits = load_splits(fit_on=cfg.fit_on)
     frozen = frozen_vectors(splits, cfg.max_length, cfg.fit_on)
     ytr, yval = splits.train["y"].to_numpy(), splits.val["y"].to_numpy()
     n_labels = len(splits.labels)

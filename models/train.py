@@ -25,6 +25,7 @@ import torch
 
 from models.fusion import ARTIFACT_DIR, FusionHead
 from models.splits import three_way
+from models.weights import REFIT_SUFFIX
 from streams.console import console, progress
 from streams.schemas import MODALITIES
 from streams.taxonomy import label_names
@@ -306,11 +307,26 @@ def blank_view_of(encoder: object) -> tuple[int, int] | None:
     return None
 
 
+def train_only(artifact: str) -> str:
+    """The train-only artifact a refit (``<name>-tv.safetensors``) was refitted from: the one
+    whose val vectors are unseen, so choices can still be made on val with it."""
+    stem, dot, ext = artifact.rpartition(".")
+    if not stem.endswith(REFIT_SUFFIX):
+        return artifact
+    base = stem.removesuffix(REFIT_SUFFIX) + dot + ext
+    if not (ARTIFACT_DIR / base).exists():
+        raise FileNotFoundError(
+            f"{artifact} is a refit but {base} is missing: choose on val with it"
+        )
+    return base
+
+
 def load_pools(
     with_audio: bool = True,
     text_cap: int | None = None,
     text_enc: Any = None,
     test_cap: int | None = None,
+    vision_enc: Any = None,
 ) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
     """Embed (or load cached embeddings of) the development data; pools per three-way split.
 
@@ -332,7 +348,7 @@ def load_pools(
     tdf = tdf.with_columns(three_way(tdf, "text"))  # on the full table: groups by their size
     if text_cap:
         tdf = cap_rows(tdf, text_cap, test_cap)
-    vision_enc = VisionEncoder()
+    vision_enc = vision_enc or VisionEncoder()
     pools = {
         "text": Pool(
             {"text": text_embeddings(tdf, text_enc)["text"]}, labels(tdf), tdf["lang"].to_numpy()
@@ -450,8 +466,18 @@ def run_training(
     base = cfg or TrainConfig()
     from models.text import TextEncoder
 
+    vision_enc = None
+    if choices_only:  # val must be unseen: the train-only encoders the refits came from
+        from models.text import text_selection
+        from models.vision import VisionEncoder, selection
+
+        sel = text_selection()
+        text_enc = text_enc or TextEncoder(sel["encoder"], train_only(str(sel["artifact"])))
+        vision_enc = VisionEncoder(train_only(str(selection().get("artifact", ""))))
     text_enc = text_enc or TextEncoder()
-    pools, info = load_pools(text_cap=text_cap, text_enc=text_enc, test_cap=test_cap)
+    pools, info = load_pools(
+        text_cap=text_cap, text_enc=text_enc, test_cap=test_cap, vision_enc=vision_enc
+    )
     info["text_cap"], info["test_cap"] = text_cap, test_cap
     base = replace(base, blank_view=info["blank_view"])
     prompts = {langs: label_prompts(text_enc, langs) for langs in PROMPT_LANGS}

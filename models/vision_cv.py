@@ -44,6 +44,7 @@ from models.finetune_vision import (
 )
 from models.splits import grouped_folds
 from models.vision import ARTIFACT_DIR, build_backbone, normalise, trainable_state
+from models.weights import REFIT_SUFFIX
 from streams.console import console, progress
 from streams.taxonomy import label_names
 
@@ -116,9 +117,6 @@ def cross_validate(methods: list[str], folds: int = 5, threads: int = 2) -> dict
             "out_of_fold": scores(data.df[rows], labels),
         }
     return result
-
-
-REFIT_SUFFIX = "-tv"
 
 
 def refit(method: str = "top", threads: int = 2, out_dir: Path = ARTIFACT_DIR) -> dict[str, Any]:

@@ -75,3 +75,6 @@ def e5_file() -> Path:
 # artifact whose fp32 tensors are larger is stored smaller: int8 per output channel (vision),
 # fp16 (text adapters).
 SHIP_BYTES = 5 * 1024 * 1024
+# Name suffix of an artifact refitted on train + val with a recipe chosen on val
+# (``<name>-tv.safetensors``); its train-only twin ``<name>.safetensors`` keeps val unseen.
+REFIT_SUFFIX = "-tv"

@@ -46,3 +46,26 @@ def test_vision_recipe_is_fully_replayed() -> None:
         extra=extra,
     )
     assert dataclasses.asdict(rebuilt) == config
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_a_served_refit_has_its_train_only_twin_with_the_same_recipe(modality: str) -> None:
+    """A refit (``-tv``) serves; ``--choices-only`` chooses on val with its train-only twin,
+    which must exist and differ from it only in what the refit changes (rows, name)."""
+    from models.train import train_only
+
+    name = selected_artifact(modality)
+    assert name is not None
+    twin = train_only(name)
+    assert train_only(twin) == twin
+    _, refit = recipe(ARTIFACT_DIR / name)
+    if twin == name:  # a train-only artifact serves: its recipe must say so
+        assert refit.get("fit_on", "train") == "train" and not refit.get("extra")
+        return
+    _, base = recipe(ARTIFACT_DIR / twin)
+    if modality == "text":
+        assert (refit.pop("fit_on"), base.pop("fit_on", "train")) == ("train+val", "train")
+        assert refit.pop("tag") == base.pop("tag") + "-tv"
+    else:
+        assert refit.pop("extra") == {"fit_on": "train+val"} and base.pop("extra") == {}
+    assert refit == base
