@@ -127,6 +127,8 @@ def refit(method: str = "top", threads: int = 2, out_dir: Path = ARTIFACT_DIR) -
     The artifact is ``vision_<method>-tv.safetensors``; it has no val figure of its own (its
     val rows are training rows), only the recipe's out-of-fold one and a test score.
     """
+    if method not in TOP_METHODS:
+        raise ValueError(f"{method}: refits cover the cached methods {', '.join(TOP_METHODS)}")
     torch.set_num_threads(threads)
     data = load_frames(keep_raw=False)
     acts = load_activations(data, DEFAULTS["lora"].get("views", 2))

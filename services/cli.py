@@ -362,7 +362,14 @@ def train(
     show_default=True,
     help="Audio only: which Whisper to fine-tune (base is multilingual, about 3x the compute).",
 )
-def finetune(modality: str, method: str, whisper: str) -> None:
+@click.option(
+    "--fit-on",
+    type=click.Choice(["train", "train+val"]),
+    default="train",
+    show_default=True,
+    help="train+val: refit a recipe chosen on val (<name>-tv, no val score of its own).",
+)
+def finetune(modality: str, method: str, whisper: str, fit_on: str) -> None:
     """Fine-tune one encoder with one method; writes models/artifacts/<modality>_<method>.*."""
     import importlib
 
@@ -374,11 +381,18 @@ def finetune(modality: str, method: str, whisper: str) -> None:
             f"{method!r}; {modality} methods: {', '.join(finetuner.METHODS)}", param_hint="--method"
         )
     if modality == "audio":
-        result = finetuner.run(method, cfg=finetuner.FinetuneConfig(model_name=whisper))
+        cfg = finetuner.FinetuneConfig(model_name=whisper, fit_on=fit_on)
+        result = finetuner.run(method, cfg=cfg)
     elif whisper != "tiny.en":
         raise click.BadParameter("only for --modality audio", param_hint="--whisper")
+    elif modality == "image" and fit_on != "train":
+        from models.vision_cv import refit
+
+        result = refit(method)
     else:
-        result = finetuner.run(method)
+        result = (
+            finetuner.run(method, fit_on=fit_on) if fit_on != "train" else finetuner.run(method)
+        )
     console.print_json(data=result)
 
 
