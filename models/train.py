@@ -84,9 +84,11 @@ class TrainConfig:
 
 
 # Tried on the validation groups; the best mean of fused and text val macro-F1 is kept.
+# Languages of the zero-shot prompts tried: English alone, or averaged with es/it/pt.
+PROMPT_LANGS = ("en", "en,es,it,pt")
 GRID: list[dict[str, Any]] = [
     {"hidden": h, "dropout": d, "prompt_langs": p}
-    for p in ("en", "en,es,it,pt")
+    for p in PROMPT_LANGS
     for h, d in ((128, 0.5), (256, 0.5), (128, 0.3))
 ]
 
@@ -271,9 +273,6 @@ def choose_offset(logits: torch.Tensor, y: torch.Tensor) -> float:
     return best[2]
 
 
-PROMPT_LANGS = ("en", "en,es,it,pt")
-
-
 def label_prompts(encoder: Any, langs: str = "en") -> np.ndarray:
     """Text-view vectors of the label descriptions in configs/labels.json (zero-shot prior).
 
@@ -327,6 +326,7 @@ def load_pools(
     text_enc: Any = None,
     test_cap: int | None = None,
     vision_enc: Any = None,
+    speech_enc: Any = None,
 ) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
     """Embed (or load cached embeddings of) the development data; pools per three-way split.
 
@@ -378,7 +378,7 @@ def load_pools(
         # Clips whose voice or sentence is held out but not in val/test are never used:
         # transcribing them would cost more than half of the Whisper time for nothing.
         adf = adf.with_columns(three_way(adf, "audio")).filter(pl.col("split") != "unused")
-        speech_enc = SpeechEncoder()
+        speech_enc = speech_enc or SpeechEncoder()
         info["encoders"]["audio"] = call_version(
             speech_enc.version, getattr(text_enc, "version", "")
         )
@@ -466,17 +466,26 @@ def run_training(
     base = cfg or TrainConfig()
     from models.text import TextEncoder
 
-    vision_enc = None
+    vision_enc = speech_enc = None
     if choices_only:  # val must be unseen: the train-only encoders the refits came from
+        from models.speech import SpeechEncoder, speech_config
         from models.text import text_selection
         from models.vision import VisionEncoder, selection
 
         sel = text_selection()
         text_enc = text_enc or TextEncoder(sel["encoder"], train_only(str(sel["artifact"])))
         vision_enc = VisionEncoder(train_only(str(selection().get("artifact", ""))))
+        speech = speech_config()
+        if speech.artifact:
+            speech = replace(speech, artifact=train_only(speech.artifact))
+        speech_enc = SpeechEncoder(config=speech)
     text_enc = text_enc or TextEncoder()
     pools, info = load_pools(
-        text_cap=text_cap, text_enc=text_enc, test_cap=test_cap, vision_enc=vision_enc
+        text_cap=text_cap,
+        text_enc=text_enc,
+        test_cap=test_cap,
+        vision_enc=vision_enc,
+        speech_enc=speech_enc,
     )
     info["text_cap"], info["test_cap"] = text_cap, test_cap
     base = replace(base, blank_view=info["blank_view"])
