@@ -71,4 +71,4 @@ def refinetune(modality: str, folder: Path = ARTIFACT_DIR) -> dict[str, Any] | N
     from models import finetune_speech
 
     cfg = finetune_speech.FinetuneConfig(**config)
-    return finetune_speech.run(method, out_dir=folder, cfg=cfg)
+    return finetune_speech.run(method, out_dir=folder, cfg=cfg, fresh_teacher=True)
