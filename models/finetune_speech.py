@@ -440,7 +440,9 @@ def run(
         cfg.epochs = epochs
     torch.manual_seed(cfg.seed)
     refit = cfg.fit_on != "train"
-    train_clips, val_clips = load_split(cfg.fit_on), load_split("val")
+    # A refit's val clips are training clips: none are decoded for a val score.
+    train_clips = load_split(cfg.fit_on)
+    val_clips = None if refit else load_split("val")
     model = load_whisper(cfg.model_name)
     key = method_key(method, cfg.model_name) + (REFIT_SUFFIX if refit else "")
     row: dict[str, Any] = {"method": method, "key": key, "config": asdict(cfg)}
@@ -463,8 +465,11 @@ def run(
             row["artifact"] = path.name
             row["artifact_bytes"] = path.stat().st_size
         merge(model)
-    # A refit's val clips are training clips: it has no val figure of its own.
-    row["val"] = None if refit else evaluate(model, train_clips, val_clips, trim=method != "head")
+    row["val"] = (
+        None
+        if val_clips is None
+        else evaluate(model, train_clips, val_clips, trim=method != "head")
+    )
     _merge_row(out_dir / "speech_methods.json", row)
     _print_row(row)
     return row

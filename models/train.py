@@ -579,7 +579,7 @@ def _refit_with(
     from models import fusion_eval, model_card
 
     val = choices["validation"]
-    known = {f for f in TrainConfig.__dataclass_fields__}
+    known = set(TrainConfig.__dataclass_fields__)
     chosen = replace(
         base,
         **{k: v for k, v in choices["train_config"].items() if k in known and k != "blank_view"},

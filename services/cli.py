@@ -385,14 +385,14 @@ def finetune(modality: str, method: str, whisper: str, fit_on: str) -> None:
         result = finetuner.run(method, cfg=cfg)
     elif whisper != "tiny.en":
         raise click.BadParameter("only for --modality audio", param_hint="--whisper")
-    elif modality == "image" and fit_on != "train":
+    elif modality == "text":
+        result = finetuner.run(method, fit_on=fit_on)
+    elif fit_on != "train":  # image refits train on the cached stage-4 views (vision_cv)
         from models.vision_cv import refit
 
         result = refit(method)
     else:
-        result = (
-            finetuner.run(method, fit_on=fit_on) if fit_on != "train" else finetuner.run(method)
-        )
+        result = finetuner.run(method)
     console.print_json(data=result)
 
 
