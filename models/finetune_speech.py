@@ -32,6 +32,7 @@ from whisper.model import Whisper
 from models import whisper_infer as wi
 from models.audio import decode_audio
 from models.audio_augment import random_augment
+from models.splits import fit_suffix
 from models.weights import REFIT_SUFFIX, cache_dir
 from streams.console import console, progress
 from streams.taxonomy import label_names
@@ -84,26 +85,20 @@ class Teacher:
 
 
 def load_split(split: str) -> Clips:
-    """Decode the clips of ``split`` ("train" | "val" | "test" | "train+val") from the data.
+    """Decode the clips of ``split`` ("train" | "val" | "test" | "train+val" | a cross-fit
+    ``fit_on``, ``models.splits.parse_fit_on``) from the data.
 
     "train+val" is every clip whose voice and sentence are both outside test: the train and
     val clips and those the three-way split left unused because only their voice or only
     their sentence was held out for val."""
-    import polars as pl
-
     from models.datasets import audio_table
-    from models.splits import three_way
+    from models.splits import fit_rows, three_way
 
     df = audio_table()
-    split_of = three_way(df, "audio")
-    if split == "train+val":
-        test = df.filter(split_of == "test")
-        df = df.filter(
-            ~pl.col("group").is_in(test["group"].unique().to_list())
-            & ~pl.col("sentence_id").is_in(test["sentence_id"].unique().to_list())
-        ).sort("key")
+    if split in ("val", "test"):
+        df = df.filter(three_way(df, "audio") == split).sort("key")
     else:
-        df = df.filter(split_of == split).sort("key")
+        df = df.filter(fit_rows(df, "audio", split)).sort("key")
     names = label_names()
     return Clips(
         keys=df["key"].to_list(),
@@ -444,7 +439,7 @@ def run(
     train_clips = load_split(cfg.fit_on)
     val_clips = None if refit else load_split("val")
     model = load_whisper(cfg.model_name)
-    key = method_key(method, cfg.model_name) + (REFIT_SUFFIX if refit else "")
+    key = method_key(method, cfg.model_name) + fit_suffix(cfg.fit_on)
     row: dict[str, Any] = {"method": method, "key": key, "config": asdict(cfg)}
     row |= {"fit_on": cfg.fit_on, "train_clips": len(train_clips.keys)}
     if method in ("head", "head-trim"):

@@ -32,7 +32,8 @@ from torch import nn
 
 from models.e5_convert import PASSAGE, load_e5, mean_pool
 from models.metrics import bootstrap_ci
-from models.weights import E5_SHA256, REFIT_SUFFIX, SHIP_BYTES, cache_dir
+from models.splits import fit_suffix
+from models.weights import E5_SHA256, SHIP_BYTES, cache_dir
 from streams.console import console, progress
 from streams.taxonomy import label_names
 
@@ -131,10 +132,13 @@ def load_splits(val_english: int = 1000, seed: int = 0, fit_on: str = "train") -
     Validation keeps every non-English row and a fixed sample of ``val_english`` English rows:
     the product's reports are mostly es/it/pt, and one core cannot afford the full 4.5k English
     rows per method. The sample is the same for every method. With ``fit_on="train+val"`` the
-    training rows are every train and val row (a refit: its val figures would be on seen data).
+    training rows are every train and val row (a refit: its val figures would be on seen data);
+    a cross-fit ``fit_on`` (``models.splits.parse_fit_on``) keeps those of its folds.
     """
-    if fit_on not in FIT_ON:
-        raise ValueError(f"fit_on must be one of {FIT_ON}, not {fit_on!r}")
+    from models.datasets import text_table
+    from models.splits import fit_rows, parse_fit_on
+
+    pool, held, _ = parse_fit_on(fit_on)
     full_val = labelled_rows("val")
     val = pl.concat(
         [
@@ -143,8 +147,12 @@ def load_splits(val_english: int = 1000, seed: int = 0, fit_on: str = "train") -
         ]
     )
     train = labelled_rows("train")
-    if fit_on == "train+val":
+    if pool == "train+val":
         train = pl.concat([train, full_val])
+    if held is not None:
+        table = text_table()
+        keys = table.filter(fit_rows(table, "text", fit_on))["key"]
+        train = train.filter(pl.col("key").is_in(keys.to_list()))
     return TextSplits(train=train, val=val.sort("key"))
 
 
@@ -272,8 +280,18 @@ def embed_texts(
 def frozen_vectors(
     splits: TextSplits, max_length: int = 64, fit_on: str = "train"
 ) -> dict[str, np.ndarray]:
-    """Frozen e5 vectors of the training and val rows, cached by row keys."""
-    suffix = "" if fit_on == "train" else "-" + fit_on.replace("+", "")
+    """Frozen e5 vectors of the training and val rows, cached by row keys. A cross-fit fold's
+    rows are taken from its pool's cache (they are a subset of them)."""
+    from models.splits import parse_fit_on
+
+    pool, held, _ = parse_fit_on(fit_on)
+    if held is not None:
+        full = frozen_vectors(load_splits(fit_on=pool), max_length, pool)
+        n = len(full["train"])
+        at = {k: i for i, k in enumerate(full["keys"][:n].tolist())}
+        rows = [at[k] for k in splits.train["key"].to_list()]
+        return {**full, "train": full["train"][rows]}
+    suffix = "" if pool == "train" else "-" + pool.replace("+", "")
     path = work_dir() / f"frozen-{E5_SHA256[:12]}-L{max_length}{suffix}.npz"
     keys = splits.train["key"].to_list() + splits.val["key"].to_list()
     if path.exists():
@@ -346,8 +364,9 @@ def run(
     torch.set_num_threads(int(overrides.pop("threads", 1)))  # the cores are shared
     cfg = FTConfig(method=method, steps=steps, tag=tag, **overrides)
     refit = cfg.fit_on != "train"
-    if refit and not cfg.tag.endswith(REFIT_SUFFIX):
-        cfg = replace(cfg, tag=cfg.tag + REFIT_SUFFIX)
+    suffix = fit_suffix(cfg.fit_on)
+    if refit and not cfg.tag.endswith(suffix):
+        cfg = replace(cfg, tag=cfg.tag + suffix)
     splits = load_splits(fit_on=cfg.fit_on)
     frozen = frozen_vectors(splits, cfg.max_length, cfg.fit_on)
     ytr, yval = splits.train["y"].to_numpy(), splits.val["y"].to_numpy()
@@ -392,7 +411,9 @@ def run(
         "artifact": weights.name,
         "final_loss": losses[-1] if losses else None,
     }
-    (work_dir() / f"{cfg.name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    # A cross-fit fold is not a method row: its result stays beside its weights.
+    results = out_dir if "-cf" in cfg.fit_on else work_dir()
+    (results / f"{cfg.name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
 

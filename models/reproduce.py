@@ -38,14 +38,22 @@ def recipe(path: Path) -> tuple[str, dict[str, Any]]:
     return meta["method"], dict(json.loads(meta["config"]))
 
 
-def refinetune(modality: str, folder: Path = ARTIFACT_DIR) -> dict[str, Any] | None:
+def refinetune(
+    modality: str, folder: Path = ARTIFACT_DIR, fit_on: str | None = None
+) -> dict[str, Any] | None:
     """Re-run the recipe of ``modality``'s selected artifact; None when it serves frozen weights.
 
-    The new weights overwrite the artifact of the same name (its recipe is unchanged)."""
+    The new weights overwrite the artifact of the same name (its recipe is unchanged).
+    ``fit_on`` fits the same recipe on other rows instead (a cross-fit fold,
+    ``models.crossfit``), under that fit's name in ``folder``."""
+    from models.weights import REFIT_SUFFIX
+
     name = selected_artifact(modality)
     if name is None:
         return None
-    method, config = recipe(folder / name)
+    method, config = recipe(ARTIFACT_DIR / name)
+    if fit_on is not None:
+        config["fit_on"] = fit_on
     console.print(f"[bold]{modality}[/]: re-running {method} {config}")
     if modality == "text":
         from models import finetune_text
@@ -53,14 +61,19 @@ def refinetune(modality: str, folder: Path = ARTIFACT_DIR) -> dict[str, Any] | N
         config.pop("method", None)
         steps = int(config.pop("steps"))
         tag = str(config.pop("tag", ""))
+        if fit_on is not None:  # run() names the fit by its fit_on; both cores are ours
+            tag = tag.removesuffix(REFIT_SUFFIX)
+            config.setdefault("threads", 2)
         return finetune_text.run(method, steps=steps, tag=tag, out_dir=folder, **config)
     if modality == "image":
         from models import finetune_vision
 
-        if config.get("extra", {}).get("fit_on") == "train+val":
+        vision_fit = fit_on or config.get("extra", {}).get("fit_on", "train")
+        if vision_fit != "train":
             from models.vision_cv import refit
 
-            return refit(method, threads=int(config.get("threads", 1)), out_dir=folder)
+            threads = int(config.get("threads", 1))
+            return refit(method, threads=threads, out_dir=folder, fit_on=vision_fit)
         return finetune_vision.run(
             method,
             epochs=int(config["epochs"]),

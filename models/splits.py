@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import polars as pl
 
 
@@ -16,12 +17,15 @@ def _rank(name: str, salt: str) -> str:
 
 
 def _majority_labels(df: pl.DataFrame) -> pl.DataFrame:
-    """One row per group: ``group`` and its most frequent ``label``."""
+    """One row per group: ``group`` and its most frequent ``label``; a tie goes to the last
+    label by name. (An unstable sort once settled ties at random, so one frame,
+    ``quake_intact_132``, sat in image train in some runs and in test in others; this rule
+    keeps it in train, the split the shipped head was trained and scored on.)"""
     return (
         df.group_by("group", "label")
         .len()
-        .sort("len", descending=True)
-        .unique("group", keep="first")
+        .sort(["len", "label"], descending=[True, True], maintain_order=True)
+        .unique("group", keep="first", maintain_order=True)
     )
 
 
@@ -160,3 +164,112 @@ def _audio_three_way(df: pl.DataFrame, salt: str) -> pl.Series:
         .to_series()
         .alias("split")
     )
+
+
+# --- Cross-fitting: folds of the groups a head trains on ------------------------------------
+# The fusion head is a second-level model over the encoders' vectors. An encoder has seen the
+# rows it was fitted on, so their vectors are surer than a new input's; a head trained on them
+# learns to trust the encoder too much. Cross-fitting gives each head-training row the vector of
+# an encoder fitted without that row's group: the pool's groups are dealt into ``k`` folds and
+# fold ``i``'s rows are embedded by the encoder fitted on the other folds (its ``fit_on`` is
+# ``"<pool>-cf<i>of<k>"``, e.g. ``"train+val-cf0of2"``).
+
+CROSSFIT_POOLS = ("train", "train+val")
+
+
+def parse_fit_on(fit_on: str) -> tuple[str, int | None, int | None]:
+    """``(pool, held-out fold, folds)`` of a ``fit_on``: ``"train"``, ``"train+val"`` or a
+    cross-fit ``"<pool>-cf<i>of<k>"`` (fit on the pool without fold ``i`` of ``k``)."""
+    import re
+
+    m = re.fullmatch(r"(train|train\+val)(?:-cf(\d+)of(\d+))?", fit_on)
+    if m is None:
+        raise ValueError(
+            f"fit_on must be train, train+val or <pool>-cf<i>of<k> (e.g. train+val-cf0of2), "
+            f"not {fit_on!r}"
+        )
+    if m[2] is None:
+        return m[1], None, None
+    held, k = int(m[2]), int(m[3])
+    if not 0 <= held < k or k < 2:
+        raise ValueError(f"{fit_on!r}: fold {held} of {k} does not exist")
+    return m[1], held, k
+
+
+def crossfit_fit_on(pool: str, held: int, k: int) -> str:
+    """The ``fit_on`` of the encoder that embeds fold ``held`` of ``pool`` (see module notes)."""
+    return f"{pool}-cf{held}of{k}"
+
+
+def fit_suffix(fit_on: str) -> str:
+    """Artifact-name suffix of a fit: "" (train), ``-tv`` (train + val refit, ``REFIT_SUFFIX``),
+    ``-tv-cf0of2`` / ``-tr-cf0of2`` (cross-fit folds; never served, kept in the cache)."""
+    from models.weights import REFIT_SUFFIX
+
+    pool, held, k = parse_fit_on(fit_on)
+    base = REFIT_SUFFIX if pool == "train+val" else ""
+    if held is None:
+        return base
+    return f"{base or '-tr'}-cf{held}of{k}"
+
+
+def in_pool(df: pl.DataFrame, modality: str, pool: str) -> pl.Series:
+    """Rows of ``pool`` (``"train"`` or ``"train+val"``). For calls, ``train+val`` is every
+    clip whose voice and sentence are both outside test (what a calls refit trains on)."""
+    split = three_way(df, modality)
+    if pool == "train":
+        return split == "train"
+    if modality == "audio":
+        test = df.filter(split == "test")
+        return ~df["group"].is_in(test["group"].unique().to_list()) & ~df["sentence_id"].is_in(
+            test["sentence_id"].unique().to_list()
+        )
+    return split.is_in(["train", "val"])
+
+
+def crossfit_fold(df: pl.DataFrame, modality: str, pool: str, k: int) -> pl.Series:
+    """Fold id (0..k-1) of each row of ``pool``, -1 outside it. Text and frames: whole groups
+    dealt per majority label (:func:`grouped_folds`); calls: voices dealt in salted-hash
+    order (every voice reads most sentences, so a fold's sentences are also heard in the
+    other folds; only its voices are new to the encoder that embeds it)."""
+    mask = in_pool(df, modality, pool)
+    rows = df.filter(mask)
+    if modality == "audio":
+        voices = sorted(rows["group"].unique(), key=lambda g: _rank(g, "cityfuse-cf"))
+        folds = rows["group"].replace_strict(
+            {v: i % k for i, v in enumerate(voices)}, return_dtype=pl.Int64
+        )
+    else:
+        folds = balanced_folds(rows, k)
+    out = np.full(df.height, -1, dtype=np.int64)
+    out[mask.to_numpy()] = folds.to_numpy()
+    return pl.Series("fold", out)
+
+
+def balanced_folds(df: pl.DataFrame, k: int, salt: str = "cityfuse-cf") -> pl.Series:
+    """Fold id per row, whole groups per fold, folds of about equal size per label: each
+    label's groups (by majority label), largest first, go to the fold holding the fewest
+    rows of that label so far (crisis events differ in size 20-fold, so dealing them
+    round-robin would leave one fold a sixth of the rows)."""
+    major = _majority_labels(df)
+    sizes = dict(zip(*df.group_by("group").len().to_dict(as_series=False).values(), strict=True))
+    fold_of: dict[str, int] = {}
+    total = [0] * k
+    for label in sorted(major["label"].unique()):
+        held = [0] * k
+        groups = major.filter(pl.col("label") == label)["group"].to_list()
+        for g in sorted(groups, key=lambda g: (-sizes[g], _rank(g, salt))):
+            f = min(range(k), key=lambda i: (held[i], total[i], i))
+            fold_of[g] = f
+            held[f] += sizes[g]
+            total[f] += sizes[g]
+    return df["group"].replace_strict(fold_of, return_dtype=pl.Int64).alias("fold")
+
+
+def fit_rows(df: pl.DataFrame, modality: str, fit_on: str) -> pl.Series:
+    """Rows an encoder with this ``fit_on`` trains on (the pool, less the held-out fold)."""
+    pool, held, k = parse_fit_on(fit_on)
+    if held is None or k is None:
+        return in_pool(df, modality, pool)
+    fold = crossfit_fold(df, modality, pool, k)
+    return (fold >= 0) & (fold != held)

@@ -327,11 +327,14 @@ def load_pools(
     test_cap: int | None = None,
     vision_enc: Any = None,
     speech_enc: Any = None,
+    crossfit: str | None = None,
 ) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
     """Embed (or load cached embeddings of) the development data; pools per three-way split.
 
     ``text_cap`` keeps at most that many train/val reports per (event, label), a fixed
     random sample, to bound embedding time on a loaded machine; test keeps every report.
+    ``crossfit`` (``"train"`` or ``"train+val"``): the rows of that pool get out-of-fold
+    vectors (``models/crossfit.py``), the other rows those of the given encoders.
     """
     from models.datasets import audio_table, image_table, text_table
     from models.embed_cache import audio_embeddings, image_embeddings, text_embeddings
@@ -371,6 +374,7 @@ def load_pools(
             s: int(idf.filter(pl.Series(split["image"] == s))["group"].n_unique()) for s in SPLITS
         },
     }
+    adf: pl.DataFrame | None = None
     if with_audio:
         from models.speech import SpeechEncoder, call_version
 
@@ -390,9 +394,43 @@ def load_pools(
         info["audio_voices"] = {
             s: sorted(adf.filter(pl.Series(split["audio"] == s))["group"].unique()) for s in SPLITS
         }
+    if crossfit is not None:
+        info["crossfit"] = _cross_fit(pools, crossfit, text_enc, tdf, idf, adf)
     out = {s: {m: p.subset(split[m] == s) for m, p in pools.items()} for s in SPLITS}
     info["rows"] = {s: {m: len(p.y) for m, p in out[s].items()} for s in SPLITS}
     return out, info
+
+
+def _cross_fit(
+    pools: dict[str, Pool],
+    pool: str,
+    text_enc: Any,
+    tdf: pl.DataFrame,
+    idf: pl.DataFrame,
+    adf: pl.DataFrame | None,
+) -> dict[str, Any]:
+    """Put out-of-fold vectors in the rows of ``pool`` (in place); what was used, for the card."""
+    from models import crossfit
+    from models.datasets import audio_table, image_table, text_table
+
+    tables = {"text": (tdf, text_table), "image": (idf, image_table)}
+    if adf is not None:
+        tables["audio"] = (adf, audio_table)
+    rows: dict[str, int] = {}
+    for modality, (df, full) in tables.items():
+        mask, feats = crossfit.out_of_fold(modality, df, pool, full(), text_enc)
+        for name, x in feats.items():
+            col = pools[modality].x[name].copy()  # never write into a cached array
+            col[mask] = x[mask]
+            pools[modality].x[name] = col
+        rows[modality] = int(mask.sum())
+    folds = crossfit.ensure_folds(pool, tuple(tables))
+    return {
+        "pool": pool,
+        "folds": crossfit.FOLDS,
+        "rows": rows,
+        "encoders": {m: [p.name for p in paths] for m, paths in folds.items()},
+    }
 
 
 def choose(
@@ -448,6 +486,7 @@ def run_training(
     test_cap: int | None = None,
     choices: dict[str, Any] | None = None,
     choices_only: bool = False,
+    crossfit: bool = False,
 ) -> dict[str, Any]:
     """Embed, split three ways, choose on val, refit on train+val, score test once, write.
 
@@ -459,6 +498,8 @@ def run_training(
     vectors are training data, so nothing may be chosen on them again.
     ``choices_only``: stop after the val choices (no refit, no test look) and write them to
     ``out_dir/fusion_choices.json``, for a later ``choices`` run on refitted encoders.
+    ``crossfit``: the head trains on out-of-fold vectors (``models/crossfit.py``) of the rows
+    it trains on: train + val with ``choices`` (the served refits saw them all), else train.
     """
     from models import fusion_eval, model_card
 
@@ -486,6 +527,7 @@ def run_training(
         test_cap=test_cap,
         vision_enc=vision_enc,
         speech_enc=speech_enc,
+        crossfit=("train+val" if choices is not None else "train") if crossfit else None,
     )
     info["text_cap"], info["test_cap"] = text_cap, test_cap
     base = replace(base, blank_view=info["blank_view"])
@@ -610,6 +652,7 @@ def run_all(
     adapter_steps: int | None = None,
     choices_from: Path | None = None,
     choices_only: bool = False,
+    crossfit: bool = False,
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD adapter and task heads, then
     the tables. ``adapter_steps`` overrides the adapter's step budget (a quick check);
@@ -631,6 +674,7 @@ def run_all(
             test_cap=test_cap,
             choices=choices,
             choices_only=choices_only,
+            crossfit=crossfit,
         )
         console.print(f"wrote {out_dir} ({meta['version']})")
     if tasks:

@@ -119,35 +119,42 @@ def cross_validate(methods: list[str], folds: int = 5, threads: int = 2) -> dict
     return result
 
 
-def refit(method: str = "top", threads: int = 2, out_dir: Path = ARTIFACT_DIR) -> dict[str, Any]:
+def refit(
+    method: str = "top",
+    threads: int = 2,
+    out_dir: Path = ARTIFACT_DIR,
+    fit_on: str = "train+val",
+) -> dict[str, Any]:
     """Refit ``method`` with its recipe on train + val (test untouched); save and record it.
 
     The recipe is the one cross-validation scored (its epochs, last epoch kept): the val
     groups hold 7 of the 19 non-test CCTV videos, real camera variety the train split lacks.
     The artifact is ``vision_<method>-tv.safetensors``; it has no val figure of its own (its
     val rows are training rows), only the recipe's out-of-fold one and a test score.
+    ``fit_on`` a cross-fit fold (``models.splits.parse_fit_on``) fits the same recipe on that
+    fold's rows instead, for ``models.crossfit``; it is not recorded in the methods file.
     """
+    from models.splits import fit_rows, fit_suffix
+
     if method not in TOP_METHODS:
         raise ValueError(f"{method}: refits cover the cached methods {', '.join(TOP_METHODS)}")
     torch.set_num_threads(threads)
     data = load_frames(keep_raw=False)
     acts = load_activations(data, DEFAULTS["lora"].get("views", 2))
     views = all_views(data, acts, len(acts.views))
-    pool = data.df["split"].is_in(["train", "val"]).to_numpy()
+    pool = fit_rows(data.df, "image", fit_on).to_numpy()
     fd = replace(data, df=data.df.with_columns(split=pl.Series(np.where(pool, "train", "test"))))
     tr = fd.rows("train")
-    cfg = FinetuneConfig(
-        method=method, threads=threads, extra={"fit_on": "train+val"}, **recipe(method)
-    )
+    cfg = FinetuneConfig(method=method, threads=threads, extra={"fit_on": fit_on}, **recipe(method))
     model, history, seconds = train_method(
         fd, cfg, Activations(acts.clean, [v[tr] for v in views]), select_epoch=False
     )
     n_trainable = sum(t.numel() for t in trainable_state(model).values())
-    path = save_artifact(model, cfg, out_dir, name=method + REFIT_SUFFIX)
+    path = save_artifact(model, cfg, out_dir, name=method + fit_suffix(fit_on))
     row = {
         "method": method,
         "refit_of": method,
-        "fit_on": "train+val",
+        "fit_on": fit_on,
         "train_rows": len(tr),
         "artifact": path.name,
         "artifact_bytes": path.stat().st_size,
@@ -157,9 +164,10 @@ def refit(method: str = "top", threads: int = 2, out_dir: Path = ARTIFACT_DIR) -
         "config": asdict(cfg),
         "history": history,
     }
-    update_methods_file(method + REFIT_SUFFIX, row, out_dir)
+    if "-cf" not in fit_on:
+        update_methods_file(method + REFIT_SUFFIX, row, out_dir)
     console.print(
-        f"{method}{REFIT_SUFFIX}: refit on {len(tr)} train + val frames, {seconds:.0f} s -> "
+        f"{method}{fit_suffix(fit_on)}: fitted on {len(tr)} {fit_on} frames, {seconds:.0f} s -> "
         f"{path.name} ({path.stat().st_size / 1e6:.2f} MB)"
     )
     return row

@@ -310,6 +310,12 @@ def broker(port: int | None) -> None:
     default=False,
     help="Stop after the val choices (no refit, no test look); write fusion_choices.json.",
 )
+@click.option(
+    "--crossfit",
+    is_flag=True,
+    default=False,
+    help="Train the head on out-of-fold encoder vectors (fold encoders fitted once, cached).",
+)
 def train(
     steps: int,
     out: Path | None,
@@ -323,6 +329,7 @@ def train(
     adapter_steps: int | None,
     choices_from: Path | None,
     choices_only: bool,
+    crossfit: bool,
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table.
@@ -347,6 +354,7 @@ def train(
         adapter_steps,
         choices_from,
         choices_only,
+        crossfit,
     )
 
 

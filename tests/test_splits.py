@@ -54,3 +54,60 @@ def test_cross_validation_folds_keep_groups_whole_and_spread_cctv_videos() -> No
     assert cctv["fold"].n_unique() == 5  # every fold holds out some CCTV videos
     # Deterministic: the same salt deals the same folds.
     assert grouped_folds(df, 5).equals(folds)
+
+
+def test_cross_fit_folds_partition_the_pool_by_whole_groups() -> None:
+    """Each fold encoder trains on its pool less one fold, and that fold's groups (voices for
+    calls) are new to it; test never enters a pool."""
+    from models.splits import CROSSFIT_POOLS, crossfit_fit_on, crossfit_fold, fit_rows, in_pool
+
+    for table, modality in ((text_table, "text"), (image_table, "image"), (audio_table, "audio")):
+        df = table()
+        split = three_way(df, modality)
+        test_groups = _groups(df, split, "test")
+        for pool in CROSSFIT_POOLS:
+            inside = in_pool(df, modality, pool)
+            fold = crossfit_fold(df, modality, pool, 2)
+            assert ((fold >= 0) == inside).all(), (modality, pool)
+            assert not (set(df.filter(inside)["group"].unique().to_list()) & test_groups)
+            for held in (0, 1):
+                fitted = fit_rows(df, modality, crossfit_fit_on(pool, held, 2))
+                held_rows = fold == held
+                assert not (fitted & held_rows).any()
+                assert ((fitted | held_rows) == inside).all()
+                seen = set(df.filter(fitted)["group"].unique().to_list())
+                assert not (seen & set(df.filter(held_rows)["group"].unique().to_list()))
+                # balanced: neither fold encoder learns from less than a third of the pool
+                assert fitted.sum() > inside.sum() / 3, (modality, pool, held)
+
+
+def test_fit_on_names_are_checked_and_name_the_artifact() -> None:
+    import pytest
+
+    from models.splits import fit_suffix, parse_fit_on
+
+    assert parse_fit_on("train+val-cf1of2") == ("train+val", 1, 2)
+    assert [fit_suffix(f) for f in ("train", "train+val", "train-cf0of2", "train+val-cf1of2")] == [
+        "",
+        "-tv",
+        "-tr-cf0of2",
+        "-tv-cf1of2",
+    ]
+    for bad in ("test", "train-cf2of2", "val", "train+val-cf0of1"):
+        with pytest.raises(ValueError):
+            parse_fit_on(bad)
+
+
+def test_splits_and_folds_are_the_same_in_every_run() -> None:
+    """Two image groups hold as many fight as normal frames; their majority label must not
+    depend on hash order, or a frame moves between train and test from run to run."""
+    from models.splits import crossfit_fold
+
+    df = image_table()
+    first = three_way(df, "image")
+    assert (first.filter(df["group"] == "quake_intact_132") == "train").all()
+    for _ in range(10):
+        assert three_way(df, "image").equals(first)
+        assert crossfit_fold(df, "image", "train+val", 2).equals(
+            crossfit_fold(df, "image", "train+val", 2)
+        )
