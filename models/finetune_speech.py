@@ -32,6 +32,7 @@ from whisper.model import Whisper
 from models import whisper_infer as wi
 from models.audio import decode_audio
 from models.audio_augment import random_augment
+from models.metrics import record_test
 from models.splits import fit_suffix
 from models.weights import REFIT_SUFFIX, cache_dir
 from streams.console import console, progress
@@ -662,10 +663,7 @@ def score_test(method: str, out_dir: Path = ARTIFACT_DIR) -> dict[str, Any]:
     result = evaluate(model, train_clips, test_clips, trim=method != "head")
     path = out_dir / "speech_methods.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
-    if table.get("test") and table["test"]["method"] != method:
-        # Every look at test stays on record.
-        table["earlier_tests"] = [*table.get("earlier_tests", []), table["test"]]
-    table["test"] = {"method": method, **result}
+    table = record_test(table, {"method": method, **result}, "method")
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     refresh_table(out_dir)
     return result

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.e5_convert import PASSAGE, load_e5, mean_pool
-from models.metrics import bootstrap_ci
+from models.metrics import bootstrap_ci, record_test
 from models.splits import fit_suffix
 from models.weights import E5_SHA256, SHIP_BYTES, cache_dir
 from streams.console import console, progress
@@ -684,11 +684,7 @@ def score_test(
         pred = enc.finetuned.model.head(torch.from_numpy(vectors)).argmax(1).numpy()
     result = score(rows["y"].to_numpy(), pred, rows["lang"].to_numpy())
     result.update(method=method, rows=rows.height, version=enc.version)
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    if doc.get("test") and doc["test"].get("method") != method:
-        # An earlier default was scored on test before: keep it, so every look is on record.
-        doc["earlier_tests"] = [*doc.get("earlier_tests", []), doc["test"]]
-    doc["test"] = result
+    doc = record_test(json.loads(path.read_text(encoding="utf-8")), result, "method")
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return result
 

@@ -779,10 +779,9 @@ def score_test(
         result["fusion_version"] = fusion.version
         result["scores"]["fusion_head_image_only"] = scores(df, pred)
     table = json.loads((out_dir / METHODS_FILE).read_text())
-    earlier = table.get("test")
-    if earlier and earlier.get("encoder_version") != result["encoder_version"]:
-        # Every look at test stays on record: the earlier served encoder's score is kept.
-        update_methods_file("earlier_tests", [*table.get("earlier_tests", []), earlier], out_dir)
+    recorded = metrics.record_test(table, result, "encoder_version")
+    if "earlier_tests" in recorded:
+        update_methods_file("earlier_tests", recorded["earlier_tests"], out_dir)
     update_methods_file("test", result, out_dir)
     return result
 

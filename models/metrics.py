@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -137,3 +138,12 @@ def _macro_f1_array(t: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> floa
         fn = float(np.sum((t == lab) & (p != lab)))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return float(np.mean(f1s)) if f1s else 0.0
+
+
+def record_test(doc: dict[str, Any], result: dict[str, Any], key: str) -> dict[str, Any]:
+    """``doc`` with ``result`` as its ``test`` entry. A test entry of another model (its
+    ``key`` differs) moves to ``earlier_tests``: every look at test stays on record."""
+    old = doc.get("test")
+    if old and old.get(key) != result.get(key):
+        doc = {**doc, "earlier_tests": [*doc.get("earlier_tests", []), old]}
+    return {**doc, "test": result}

@@ -111,3 +111,16 @@ def test_splits_and_folds_are_the_same_in_every_run() -> None:
         assert crossfit_fold(df, "image", "train+val", 2).equals(
             crossfit_fold(df, "image", "train+val", 2)
         )
+
+
+def test_a_new_test_score_keeps_every_earlier_look_on_record() -> None:
+    from models.metrics import record_test
+
+    doc = record_test({}, {"method": "a", "f1": 0.5}, "method")
+    assert doc == {"test": {"method": "a", "f1": 0.5}}
+    doc = record_test(doc, {"method": "a", "f1": 0.6}, "method")  # the same model, rescored
+    assert "earlier_tests" not in doc and doc["test"]["f1"] == 0.6
+    doc = record_test(doc, {"method": "b", "f1": 0.7}, "method")
+    doc = record_test(doc, {"method": "c", "f1": 0.8}, "method")
+    assert [t["method"] for t in doc["earlier_tests"]] == ["a", "b"]
+    assert doc["test"]["method"] == "c"
