@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -588,14 +588,26 @@ KNOWN_MISSES: tuple[tuple[str, str, str], ...] = (
 CHOICE_MARGIN = 0.005
 
 
+def most_even(
+    rows: list[dict[str, Any]],
+    f1: Callable[[dict[str, Any]], float],
+    per_language: Callable[[dict[str, Any]], Iterable[float]],
+) -> dict[str, Any]:
+    """The text rule: among ``rows`` within ``CHOICE_MARGIN`` of the best val macro-F1
+    (``f1``), the one whose weakest language scores highest (the first such on a tie)."""
+    best = max(map(f1, rows))
+    close = [r for r in rows if f1(r) >= best - CHOICE_MARGIN]
+    return max(close, key=lambda r: min(per_language(r)))
+
+
 def choose_default(rows: list[dict[str, Any]]) -> str:
-    """The served method, by validation only: among shippable rows within ``CHOICE_MARGIN`` of
-    the best val macro-F1, the one whose weakest language scores highest (the product's goal
-    is no major language left behind)."""
+    """The served method, by validation only: :func:`most_even` over the shippable rows (the
+    product's goal is no major language left behind)."""
     ship = [r for r in rows if r["shippable"]]
-    best = max(r["val_macro_f1"]["value"] for r in ship)
-    close = [r for r in ship if r["val_macro_f1"]["value"] >= best - CHOICE_MARGIN]
-    return str(max(close, key=lambda r: min(r["val_per_language"].values()))["method"])
+    pick = most_even(
+        ship, lambda r: r["val_macro_f1"]["value"], lambda r: r["val_per_language"].values()
+    )
+    return str(pick["method"])
 
 
 def write_table(

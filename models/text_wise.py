@@ -36,6 +36,7 @@ from models.finetune_text import (
     fit_head,
     load_classifier,
     load_splits,
+    most_even,
     save_artifact,
     scale_lora,
     score,
@@ -95,11 +96,13 @@ def study(artifact: str, grid: tuple[float, ...] = GRID, threads: int = 2) -> di
 
 
 def choose(rows: list[dict[str, Any]]) -> float:
-    """The text rule (as :func:`models.finetune_text.choose_default`) over ``wise`` rows."""
-    best = max(r["val"]["macro_f1"]["value"] for r in rows)
-    close = [r for r in rows if r["val"]["macro_f1"]["value"] >= best - CHOICE_MARGIN]
-    weakest = [min(v["value"] for v in r["val"]["per_language"].values()) for r in close]
-    return float(close[int(np.argmax(weakest))]["wise"])
+    """The text rule (:func:`models.finetune_text.most_even`) over ``wise`` rows."""
+    pick = most_even(
+        rows,
+        lambda r: r["val"]["macro_f1"]["value"],
+        lambda r: [v["value"] for v in r["val"]["per_language"].values()],
+    )
+    return float(pick["wise"])
 
 
 def apply(artifact: str, wise: float, out_dir: Path = ARTIFACTS, threads: int = 2) -> Path:
