@@ -222,3 +222,23 @@ def test_wise_scales_the_lora_delta_exactly(tmp_path: Path) -> None:
         assert torch.allclose(loaded.embed(**batch), model.embed(**batch), atol=1e-5)
         scale_lora(model, 0.0)
         assert torch.allclose(model.embed(**batch), base, atol=1e-5)
+
+
+def test_a_cross_fit_text_fold_trains_on_the_other_fold_only() -> None:
+    """A fold encoder's training reports are its pool less the held-out fold, in the pool's
+    order (train rows, then val rows), so no event it embeds for the head was trained on."""
+    from models.datasets import text_table
+    from models.finetune_text import load_splits
+    from models.splits import crossfit_fold
+
+    table = text_table()
+    fold = dict(
+        zip(table["key"], crossfit_fold(table, "text", "train+val", 2).to_list(), strict=True)
+    )
+    pool = load_splits(fit_on="train+val").train
+    fitted = load_splits(fit_on="train+val-cf1of2").train
+    assert {fold[k] for k in fitted["key"]} == {0}
+    expected = [k for k in pool["key"] if fold[k] == 0]
+    assert fitted["key"].to_list() == expected
+    held_events = {g for k, g in zip(table["key"], table["group"], strict=True) if fold[k] == 1}
+    assert held_events and not held_events & set(fitted["group"])
