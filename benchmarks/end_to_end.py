@@ -13,7 +13,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,8 @@ class Round:
     done: int
     seconds: float
     latencies_ms: list[float]
+    # Per done event: (input topic, ms from send to its embedding, ms from there to its alert).
+    stages: list[tuple[str, float, float]] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -70,6 +72,23 @@ class Round:
             "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)),
             "p99_ms": float(np.percentile(lat, 99)),
+            "slowest": self.slowest(),
+        }
+
+    def slowest(self, share: float = 0.01) -> dict[str, Any]:
+        """Where the slowest ``share`` of events spent their time (at least 3 events): the
+        encoder stage (send to embedding produced: queue, batch wait, decode, forward) against
+        fusion (embedding to alert), and which inputs they were. Tells a stalled stage from
+        a slow one."""
+        if not self.stages:
+            return {}
+        order = np.argsort([enc + fuse for _, enc, fuse in self.stages])[::-1]
+        top = [self.stages[i] for i in order[: max(3, int(len(order) * share))]]
+        return {
+            "n": len(top),
+            "encode_ms": [round(e, 1) for _, e, _ in top],
+            "fuse_ms": [round(f, 1) for _, _, f in top],
+            "topics": {t: sum(1 for s in top if s[0] == t) for t in {s[0] for s in top}},
         }
 
 
@@ -79,11 +98,12 @@ class Bench:
     def __init__(self, live: KafkaSettings, models: Models, pools: dict[str, list[Sample]]) -> None:
         self.live = live
         self.stream = mixed(pools)
-        self.collector = Collector(live, topics.ALERTS).start()
+        self.collector = Collector(live, topics.ALERTS, topics.EMBEDDINGS).start()
         self.pipeline = Pipeline(live, models, None, dict(FUSION_KW)).start()
         self.producer = make_producer(live)
-        self.seen = 0
+        self.seen = self.seen_emb = 0
         self.done_at: dict[str, float] = {}
+        self.embedded_at: dict[str, float] = {}
         self.rounds = 0
 
     def close(self) -> None:
@@ -93,6 +113,10 @@ class Bench:
         self.collector.close()
 
     def _collect(self) -> None:
+        embs = self.collector.snapshot(topics.EMBEDDINGS)[self.seen_emb :]
+        self.seen_emb += len(embs)
+        for r in embs:  # the record's create time: when the encoder service produced it
+            self.embedded_at[json.loads(r.value)["event_id"]] = r.timestamp / 1000
         recs = self.collector.snapshot(topics.ALERTS)[self.seen :]
         self.seen += len(recs)
         for r in recs:
@@ -107,6 +131,7 @@ class Bench:
         self.rounds += 1
         prefix = f"r{self.rounds}"
         sent_at: dict[str, float] = {}
+        topic_of: dict[str, str] = {}
         t0 = time.time()
         for i in range(n):
             if rate:
@@ -118,6 +143,7 @@ class Bench:
             value = json.dumps(msg).encode()
             self.producer.send(s.topic, key=key.encode() if key else None, value=value)
             sent_at[eid] = time.time()
+            topic_of[eid] = s.topic
             if rate is None or i % 20 == 0:
                 self._collect()
         self.producer.flush()
@@ -134,10 +160,20 @@ class Bench:
             raise RuntimeError("; ".join(self.pipeline.errors))
         finished = {e: self.done_at[e] for e in sent_at if e in self.done_at}
         end = max(finished.values()) if finished else time.time()
+        stages = [
+            (
+                topic_of[e],
+                (self.embedded_at[e] - sent_at[e]) * 1000,
+                (t - self.embedded_at[e]) * 1000,
+            )
+            for e, t in finished.items()
+            if e in self.embedded_at
+        ]
         return Round(
             rate,
             n,
             len(finished),
             end - min(sent_at.values()),
             [(finished[e] - sent_at[e]) * 1000 for e in finished],
+            stages,
         )

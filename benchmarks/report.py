@@ -234,6 +234,28 @@ def markdown(r: dict[str, Any], name: str) -> str:
                 f"p50 {e['p50_ms']:.0f} ms, p95 {e['p95_ms']:.0f} ms, **p99 {e['p99_ms']:.0f} ms**",
             )
         )
+        half: dict[str, Any] = next(
+            (
+                x
+                for x in e.get("sweep", [])
+                if x["fraction_of_capacity"] == e["at_fraction_of_capacity"]
+            ),
+            {},
+        )
+        if slow := half.get("slowest"):
+            rows.append(
+                (
+                    f"its slowest {slow['n']} events: encoder / fusion stage (ms)",
+                    ", ".join(
+                        f"{a:.0f} / {b:.0f}"
+                        for a, b in zip(slow["encode_ms"], slow["fuse_ms"], strict=True)
+                    )
+                    + "; inputs "
+                    + ", ".join(
+                        f"{t.split('.')[1]} {n}" for t, n in sorted(slow["topics"].items())
+                    ),
+                )
+            )
     so = (r.get("scale_out") or {}).get("services", {})
     for k, v in so.items():
         rows.append(

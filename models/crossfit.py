@@ -50,12 +50,15 @@ def fold_artifact(modality: str, fit_on: str) -> Path:
     return fold_dir() / f"{stem}{fit_suffix(fit_on)}.safetensors"
 
 
-def ensure_folds(pool: str, modalities: tuple[str, ...] = MODALITIES) -> dict[str, list[Path]]:
-    """Fit (once) every fold encoder of ``pool`` with the served recipes; their paths."""
+def ensure_folds(
+    pool: str, modalities: tuple[str, ...] = MODALITIES, folds: tuple[int, ...] | None = None
+) -> dict[str, list[Path]]:
+    """Fit (once) every fold encoder of ``pool`` (or only ``folds``) with the served recipes;
+    their paths."""
     out: dict[str, list[Path]] = {}
     for modality in modalities:
         out[modality] = []
-        for held in range(FOLDS):
+        for held in range(FOLDS) if folds is None else folds:
             fit_on = crossfit_fit_on(pool, held, FOLDS)
             path = fold_artifact(modality, fit_on)
             if not path.exists():
@@ -115,3 +118,26 @@ def out_of_fold(
         for name, x in got.items():
             feats.setdefault(name, np.zeros((df.height, x.shape[1]), dtype=np.float32))[rows] = x
     return fold >= 0, feats
+
+
+def main() -> None:
+    """``python -m models.crossfit --pool train+val [--modality text] [--fold 0]``: fit fold
+    encoders ahead of ``cityfuse train --crossfit`` (one text fold takes one core ~5 min, so
+    two folds can run side by side)."""
+    import argparse
+
+    from models.splits import CROSSFIT_POOLS
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--pool", choices=CROSSFIT_POOLS, required=True)
+    ap.add_argument("--modality", choices=MODALITIES, action="append")
+    ap.add_argument("--fold", type=int, choices=range(FOLDS), action="append")
+    args = ap.parse_args()
+    folds = tuple(args.fold) if args.fold else None
+    for modality in args.modality or MODALITIES:
+        for path in ensure_folds(args.pool, (modality,), folds)[modality]:
+            console.print(f"{modality}: {path.name}")
+
+
+if __name__ == "__main__":
+    main()

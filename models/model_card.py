@@ -155,6 +155,12 @@ def model_card(meta: dict[str, Any]) -> str:
             " with the train-only encoders) taken as they are, because the served text and"
             " frame encoders are refits on train + val and their val vectors are seen"
         )
+    if cf := data.get("crossfit"):
+        refit += (
+            f"; on out-of-fold vectors of its {cf['pool']} rows: each row embedded by an encoder"
+            f" fitted with the served recipe on the other of {cf['folds']} group folds"
+            " (`models/crossfit.py`), so no training vector comes from an encoder that saw it"
+        )
     return f"""# Model card: CityFuse fusion head `{meta["version"]}`
 
 Late-fusion classification head over the encoders' vectors. Text view: `{data["text_encoder"]}`

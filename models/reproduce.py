@@ -61,9 +61,8 @@ def refinetune(
         config.pop("method", None)
         steps = int(config.pop("steps"))
         tag = str(config.pop("tag", ""))
-        if fit_on is not None:  # run() names the fit by its fit_on; both cores are ours
+        if fit_on is not None:  # run() names the fit by its fit_on
             tag = tag.removesuffix(REFIT_SUFFIX)
-            config.setdefault("threads", 2)
         return finetune_text.run(method, steps=steps, tag=tag, out_dir=folder, **config)
     if modality == "image":
         from models import finetune_vision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ def test_tiny_bench_writes_keys(models: Any, tmp_path: Path) -> None:
     assert e2e["capacity_events_per_s"] > 0
     assert e2e["burst"]["done"] == e2e["burst"]["sent"]
     assert 0 < e2e["p50_ms"] <= e2e["p95_ms"] <= e2e["p99_ms"]
+    # The slowest events split into encoder and fusion time, which add up to their latency.
+    slow = e2e["burst"]["slowest"]
+    assert slow["n"] >= 3 and sum(slow["topics"].values()) == slow["n"]
+    total = [a + b for a, b in zip(slow["encode_ms"], slow["fuse_ms"], strict=True)]
+    assert all(a >= b - 0.2 for a, b in itertools.pairwise(total))  # slowest first (rounded)
+    assert all(a > 0 for a in slow["encode_ms"])
     assert Path(e2e["plot"]).stat().st_size > 0
     gemm = r["gemm"]
     assert gemm["fp32_peak_flops"] > 0 and gemm["int8_peak_ops"] > 0
