@@ -29,7 +29,9 @@ from models.splits import crossfit_fit_on, crossfit_fold, fit_suffix
 from models.weights import REFIT_SUFFIX, cache_dir
 from streams.console import console
 
-FOLDS = 2  # each fold encoder sees half the pool: 4 extra fits per pool, ~15 min on 2 cores
+# Each fold encoder sees half the pool: 2 fits per modality and pool. Measured here: a text
+# fold 518 s on 2 threads, frames ~4 min, calls ~3 min with their teacher targets.
+FOLDS = 2
 MODALITIES = ("text", "image", "audio")
 
 
@@ -122,8 +124,8 @@ def out_of_fold(
 
 def main() -> None:
     """``python -m models.crossfit --pool train+val [--modality text] [--fold 0]``: fit fold
-    encoders ahead of ``cityfuse train --crossfit`` (one text fold takes one core ~5 min, so
-    two folds can run side by side)."""
+    encoders ahead of ``cityfuse train --crossfit``. (Two text folds side by side on one
+    thread each took 9.5 min each, no faster than one after the other on 2 threads.)"""
     import argparse
 
     from models.splits import CROSSFIT_POOLS
