@@ -125,7 +125,7 @@ def out_of_fold(
 def main() -> None:
     """``python -m models.crossfit --pool train+val [--modality text] [--fold 0]``: fit fold
     encoders ahead of ``cityfuse train --crossfit``. (Two text folds side by side on one
-    thread each took 9.5 min each, no faster than one after the other on 2 threads.)"""
+    thread each took 722 and 707 s, no faster than one after the other on 2 threads.)"""
     import argparse
 
     from models.splits import CROSSFIT_POOLS
