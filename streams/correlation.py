@@ -34,8 +34,6 @@ ROUTE_M = _CONF.route_m
 BORDER_M = _CONF.border_m
 _M_PER_DEG_LAT = 111_320.0
 K = TypeVar("K")
-# Directions probed for neighbouring tiles: 16 is enough for a border far smaller than a tile.
-_PROBES = [(math.cos(2 * math.pi * i / 16), math.sin(2 * math.pi * i / 16)) for i in range(16)]
 
 
 def geo_cell(loc: Location, cell_m: float = ROUTE_M) -> tuple[int, int]:
@@ -51,11 +49,32 @@ def _cell(lat: float, lon: float, cell_m: float) -> tuple[int, int]:
     return row, math.floor(lon / step_lon)
 
 
-def _offset(lat: float, lon: float, north_m: float, east_m: float) -> tuple[float, float]:
-    """A point ``north_m``/``east_m`` metres away (equirectangular: fine at these distances)."""
-    dlat = north_m / _M_PER_DEG_LAT
-    dlon = east_m / (_M_PER_DEG_LAT * max(math.cos(math.radians(lat)), 1e-6))
-    return max(-90.0, min(90.0, lat + dlat)), ((lon + dlon + 180.0) % 360.0) - 180.0
+def _near_tiles(lat: float, lon: float, route_m: float, border_m: float) -> list[tuple[int, int]]:
+    """The home tile, then every tile with a point within ``border_m`` of (lat, lon): per tile
+    row, the disc's chord at that row's distance gives the columns it reaches. (Probing 16
+    directions missed a tile whose corner was 505 m away with a 600 m border.)"""
+    step_lat = route_m / _M_PER_DEG_LAT
+    dlat = border_m / _M_PER_DEG_LAT
+    m_per_deg_lon = _M_PER_DEG_LAT * max(math.cos(math.radians(lat)), 1e-6)
+    tiles = [_cell(lat, lon, route_m)]
+    for row in range(math.floor((lat - dlat) / step_lat), math.floor((lat + dlat) / step_lat) + 1):
+        gap_m = max(row * step_lat - lat, 0.0, lat - (row + 1) * step_lat) * _M_PER_DEG_LAT
+        if gap_m > border_m:
+            continue
+        reach = math.sqrt(border_m**2 - gap_m**2) / m_per_deg_lon
+        centre = (row + 0.5) * step_lat
+        step_lon = step_lat / max(math.cos(math.radians(centre)), 1e-6)
+        for col in range(
+            math.floor((lon - reach) / step_lon), math.floor((lon + reach) / step_lon) + 1
+        ):
+            # The tile named by its centre, wrapped across the antimeridian when it lies past it.
+            c_lon = (col + 0.5) * step_lon
+            if not -180.0 <= c_lon < 180.0:
+                c_lon = ((c_lon + 180.0) % 360.0) - 180.0
+            tile = _cell(centre, c_lon, route_m)
+            if tile not in tiles:
+                tiles.append(tile)
+    return tiles
 
 
 def distance_m(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -77,14 +96,8 @@ def routing_keys(
     ``geo:<row>:<col>`` (a ``route_m`` tile) when located; else ``area:<area>``; else
     ``inc:<incident_id>``; else ``evt:<event_id>`` (an event with no place stands alone)."""
     if event.location is not None:
-        lat, lon = event.location.lat, event.location.lon
-        home = _cell(lat, lon, route_m)
-        keys = [home]
-        for dy, dx in _PROBES:
-            tile = _cell(*_offset(lat, lon, dy * border_m, dx * border_m), route_m)
-            if tile not in keys:
-                keys.append(tile)
-        return [f"geo:{r}:{c}" for r, c in keys]
+        tiles = _near_tiles(event.location.lat, event.location.lon, route_m, border_m)
+        return [f"geo:{r}:{c}" for r, c in tiles]
     if event.area and event.area.strip():
         return [f"area:{event.area.strip().lower()}"]
     if event.incident_id:
