@@ -64,16 +64,15 @@ def _near_tiles(lat: float, lon: float, route_m: float, border_m: float) -> list
         reach = math.sqrt(border_m**2 - gap_m**2) / m_per_deg_lon
         centre = (row + 0.5) * step_lat
         step_lon = step_lat / max(math.cos(math.radians(centre)), 1e-6)
-        for col in range(
-            math.floor((lon - reach) / step_lon), math.floor((lon + reach) / step_lon) + 1
-        ):
-            # The tile named by its centre, wrapped across the antimeridian when it lies past it.
-            c_lon = (col + 0.5) * step_lon
-            if not -180.0 <= c_lon < 180.0:
-                c_lon = ((c_lon + 180.0) % 360.0) - 180.0
-            tile = _cell(centre, c_lon, route_m)
-            if tile not in tiles:
-                tiles.append(tile)
+        spans = [(lon - reach, lon + reach)]
+        if lon + reach >= 180.0:  # the disc crosses the antimeridian: the other side's tiles
+            spans.append((-180.0, lon + reach - 360.0))
+        if lon - reach < -180.0:
+            spans.append((lon - reach + 360.0, 180.0))
+        for west, east in spans:
+            for col in range(math.floor(west / step_lon), math.floor(east / step_lon) + 1):
+                if (row, col) not in tiles:
+                    tiles.append((row, col))
     return tiles
 
 

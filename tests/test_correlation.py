@@ -274,3 +274,15 @@ def test_evaluate_scores_split_and_merged_on_scattered_reports(
     assert inc["truth_n"] == 60
     assert inc["split_rate"] <= 0.02 and inc["merged_rate"] <= 0.02
     assert inc["truth_accuracy"] > 0.5
+
+
+def test_reports_near_a_tile_corner_or_across_the_antimeridian_reach_each_other() -> None:
+    # Both once failed: 16 probe directions missed a corner tile 505 m away (600 m border).
+    corner = _report(-1e-9, -1e-9)
+    dist, angle = 505.0, 1.0
+    near = _report(-1e-9 + dist * math.cos(angle) / M, -1e-9 + dist * math.sin(angle) / M)
+    east, west = _report(10.0, 179.999), _report(10.0, -179.999)
+    for a, b in ((corner, near), (east, west)):
+        assert routing_keys(a)[0] != routing_keys(b)[0]
+        assert routing_keys(b)[0] in routing_keys(a)
+        assert routing_keys(a)[0] in routing_keys(b)
