@@ -88,8 +88,8 @@ def _fold_encoder(modality: str, path: Path) -> Any:
 
 def out_of_fold(
     modality: str, df: pl.DataFrame, pool: str, full: pl.DataFrame, text_enc: Any
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``(mask, features)`` for the rows of ``df`` in ``pool``: each row's vectors from the
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[Path]]:
+    """``(mask, features, fold encoders)`` for the rows of ``df`` in ``pool``: each row's vectors from the
     fold encoder that did not see its group. ``full`` is the modality's whole table (folds are
     dealt on it, so a capped ``df`` gets the same folds); ``text_enc`` embeds call
     transcripts (the text encoder never trains on calls). Features follow ``load_pools``:
@@ -119,7 +119,7 @@ def out_of_fold(
             got = {"audio": emb["audio"], "transcript": emb["transcript_vec"]}
         for name, x in got.items():
             feats.setdefault(name, np.zeros((df.height, x.shape[1]), dtype=np.float32))[rows] = x
-    return fold >= 0, feats
+    return fold >= 0, feats, paths
 
 
 def main() -> None:

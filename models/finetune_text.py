@@ -32,7 +32,7 @@ from torch import nn
 
 from models.e5_convert import PASSAGE, load_e5, mean_pool
 from models.metrics import bootstrap_ci, record_test
-from models.splits import fit_suffix
+from models.splits import fit_suffix, is_fold
 from models.weights import E5_SHA256, SHIP_BYTES, cache_dir
 from streams.console import console, progress
 from streams.taxonomy import label_names
@@ -412,7 +412,7 @@ def run(
         "final_loss": losses[-1] if losses else None,
     }
     # A cross-fit fold is not a method row: its result stays beside its weights.
-    results = out_dir if "-cf" in cfg.fit_on else work_dir()
+    results = out_dir if is_fold(cfg.fit_on) else work_dir()
     (results / f"{cfg.name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 

@@ -196,6 +196,11 @@ def parse_fit_on(fit_on: str) -> tuple[str, int | None, int | None]:
     return m[1], held, k
 
 
+def is_fold(fit_on: str) -> bool:
+    """Whether ``fit_on`` names a cross-fit fold (never served, kept out of method tables)."""
+    return parse_fit_on(fit_on)[1] is not None
+
+
 def crossfit_fit_on(pool: str, held: int, k: int) -> str:
     """The ``fit_on`` of the encoder that embeds fold ``held`` of ``pool`` (see module notes)."""
     return f"{pool}-cf{held}of{k}"

@@ -417,20 +417,16 @@ def _cross_fit(
     if adf is not None:
         tables["audio"] = (adf, audio_table)
     rows: dict[str, int] = {}
+    encoders: dict[str, list[str]] = {}
     for modality, (df, full) in tables.items():
-        mask, feats = crossfit.out_of_fold(modality, df, pool, full(), text_enc)
+        mask, feats, paths = crossfit.out_of_fold(modality, df, pool, full(), text_enc)
+        encoders[modality] = [p.name for p in paths]
         for name, x in feats.items():
             col = pools[modality].x[name].copy()  # never write into a cached array
             col[mask] = x[mask]
             pools[modality].x[name] = col
         rows[modality] = int(mask.sum())
-    folds = crossfit.ensure_folds(pool, tuple(tables))
-    return {
-        "pool": pool,
-        "folds": crossfit.FOLDS,
-        "rows": rows,
-        "encoders": {m: [p.name for p in paths] for m, paths in folds.items()},
-    }
+    return {"pool": pool, "folds": crossfit.FOLDS, "rows": rows, "encoders": encoders}
 
 
 def choose(

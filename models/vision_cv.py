@@ -134,7 +134,7 @@ def refit(
     ``fit_on`` a cross-fit fold (``models.splits.parse_fit_on``) fits the same recipe on that
     fold's rows instead, for ``models.crossfit``; it is not recorded in the methods file.
     """
-    from models.splits import fit_rows, fit_suffix
+    from models.splits import fit_rows, fit_suffix, is_fold
 
     if method not in TOP_METHODS:
         raise ValueError(f"{method}: refits cover the cached methods {', '.join(TOP_METHODS)}")
@@ -164,7 +164,7 @@ def refit(
         "config": asdict(cfg),
         "history": history,
     }
-    if "-cf" not in fit_on:
+    if not is_fold(fit_on):
         update_methods_file(method + REFIT_SUFFIX, row, out_dir)
     console.print(
         f"{method}{fit_suffix(fit_on)}: fitted on {len(tr)} {fit_on} frames, {seconds:.0f} s -> "

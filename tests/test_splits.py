@@ -84,9 +84,10 @@ def test_cross_fit_folds_partition_the_pool_by_whole_groups() -> None:
 def test_fit_on_names_are_checked_and_name_the_artifact() -> None:
     import pytest
 
-    from models.splits import fit_suffix, parse_fit_on
+    from models.splits import fit_suffix, is_fold, parse_fit_on
 
     assert parse_fit_on("train+val-cf1of2") == ("train+val", 1, 2)
+    assert is_fold("train-cf0of2") and not is_fold("train+val")
     assert [fit_suffix(f) for f in ("train", "train+val", "train-cf0of2", "train+val-cf1of2")] == [
         "",
         "-tv",
