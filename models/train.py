@@ -328,13 +328,15 @@ def load_pools(
     vision_enc: Any = None,
     speech_enc: Any = None,
     crossfit: str | None = None,
+    crossfit_modalities: tuple[str, ...] = ("text", "image", "audio"),
 ) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
     """Embed (or load cached embeddings of) the development data; pools per three-way split.
 
     ``text_cap`` keeps at most that many train/val reports per (event, label), a fixed
     random sample, to bound embedding time on a loaded machine; test keeps every report.
     ``crossfit`` (``"train"`` or ``"train+val"``): the rows of that pool get out-of-fold
-    vectors (``models/crossfit.py``), the other rows those of the given encoders.
+    vectors (``models/crossfit.py``) in ``crossfit_modalities``, the other rows and
+    modalities those of the given encoders.
     """
     from models.datasets import audio_table, image_table, text_table
     from models.embed_cache import audio_embeddings, image_embeddings, text_embeddings
@@ -395,7 +397,13 @@ def load_pools(
             s: sorted(adf.filter(pl.Series(split["audio"] == s))["group"].unique()) for s in SPLITS
         }
     if crossfit is not None:
-        info["crossfit"] = _cross_fit(pools, crossfit, text_enc, tdf, idf, adf)
+        info["crossfit"] = _cross_fit(
+            pools,
+            crossfit,
+            text_enc,
+            {"text": tdf, "image": idf, "audio": adf},
+            crossfit_modalities,
+        )
     out = {s: {m: p.subset(split[m] == s) for m, p in pools.items()} for s in SPLITS}
     info["rows"] = {s: {m: len(p.y) for m, p in out[s].items()} for s in SPLITS}
     return out, info
@@ -405,21 +413,22 @@ def _cross_fit(
     pools: dict[str, Pool],
     pool: str,
     text_enc: Any,
-    tdf: pl.DataFrame,
-    idf: pl.DataFrame,
-    adf: pl.DataFrame | None,
+    tables: dict[str, pl.DataFrame | None],
+    modalities: tuple[str, ...],
 ) -> dict[str, Any]:
-    """Put out-of-fold vectors in the rows of ``pool`` (in place); what was used, for the card."""
+    """Put out-of-fold vectors in the rows of ``pool`` of ``modalities`` (in place); what was
+    used, for the card."""
     from models import crossfit
     from models.datasets import audio_table, image_table, text_table
 
-    tables = {"text": (tdf, text_table), "image": (idf, image_table)}
-    if adf is not None:
-        tables["audio"] = (adf, audio_table)
+    full = {"text": text_table, "image": image_table, "audio": audio_table}
     rows: dict[str, int] = {}
     encoders: dict[str, list[str]] = {}
-    for modality, (df, full) in tables.items():
-        mask, feats, paths = crossfit.out_of_fold(modality, df, pool, full(), text_enc)
+    for modality in modalities:
+        df = tables[modality]
+        if df is None:
+            continue
+        mask, feats, paths = crossfit.out_of_fold(modality, df, pool, full[modality](), text_enc)
         encoders[modality] = [p.name for p in paths]
         for name, x in feats.items():
             col = pools[modality].x[name].copy()  # never write into a cached array
@@ -482,7 +491,7 @@ def run_training(
     test_cap: int | None = None,
     choices: dict[str, Any] | None = None,
     choices_only: bool = False,
-    crossfit: bool = False,
+    crossfit: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Embed, split three ways, choose on val, refit on train+val, score test once, write.
 
@@ -494,8 +503,9 @@ def run_training(
     vectors are training data, so nothing may be chosen on them again.
     ``choices_only``: stop after the val choices (no refit, no test look) and write them to
     ``out_dir/fusion_choices.json``, for a later ``choices`` run on refitted encoders.
-    ``crossfit``: the head trains on out-of-fold vectors (``models/crossfit.py``) of the rows
-    it trains on: train + val with ``choices`` (the served refits saw them all), else train.
+    ``crossfit``: for these modalities the head trains on out-of-fold vectors
+    (``models/crossfit.py``) of the rows it trains on: train + val with ``choices`` (the
+    served refits saw them all), else train.
     """
     from models import fusion_eval, model_card
 
@@ -524,6 +534,7 @@ def run_training(
         vision_enc=vision_enc,
         speech_enc=speech_enc,
         crossfit=("train+val" if choices is not None else "train") if crossfit else None,
+        crossfit_modalities=crossfit,
     )
     info["text_cap"], info["test_cap"] = text_cap, test_cap
     base = replace(base, blank_view=info["blank_view"])
@@ -648,7 +659,7 @@ def run_all(
     adapter_steps: int | None = None,
     choices_from: Path | None = None,
     choices_only: bool = False,
-    crossfit: bool = False,
+    crossfit: tuple[str, ...] = (),
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD adapter and task heads, then
     the tables. ``adapter_steps`` overrides the adapter's step budget (a quick check);

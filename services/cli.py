@@ -312,9 +312,10 @@ def broker(port: int | None) -> None:
 )
 @click.option(
     "--crossfit",
-    is_flag=True,
-    default=False,
-    help="Train the head on out-of-fold encoder vectors (fold encoders fitted once, cached).",
+    type=click.Choice(["text", "image", "audio", "all"]),
+    multiple=True,
+    help="Train the head on out-of-fold vectors of this modality (repeatable; all: every "
+    "modality). Fold encoders are fitted once and cached.",
 )
 def train(
     steps: int,
@@ -329,7 +330,7 @@ def train(
     adapter_steps: int | None,
     choices_from: Path | None,
     choices_only: bool,
-    crossfit: bool,
+    crossfit: tuple[str, ...],
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table.
@@ -354,7 +355,7 @@ def train(
         adapter_steps,
         choices_from,
         choices_only,
-        crossfit,
+        ("text", "image", "audio") if "all" in crossfit else crossfit,
     )
 
 
