@@ -157,7 +157,7 @@ def model_card(meta: dict[str, Any]) -> str:
         )
     if cf := data.get("crossfit"):
         refit += (
-            f"; on out-of-fold {' and '.join(cf['encoders'])} vectors of its {cf['pool']} rows:"
+            f"; on out-of-fold {' and '.join(cf.get('inputs', cf['encoders']))} vectors of its {cf['pool']} rows:"
             " each row embedded by an encoder"
             f" fitted with the served recipe on the other of {cf['folds']} group folds"
             " (`models/crossfit.py`), so no training vector comes from an encoder that saw it"

@@ -328,15 +328,15 @@ def load_pools(
     vision_enc: Any = None,
     speech_enc: Any = None,
     crossfit: str | None = None,
-    crossfit_modalities: tuple[str, ...] = ("text", "image", "audio"),
+    crossfit_inputs: tuple[str, ...] = ("text", "image", "audio", "transcript"),
 ) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
     """Embed (or load cached embeddings of) the development data; pools per three-way split.
 
     ``text_cap`` keeps at most that many train/val reports per (event, label), a fixed
     random sample, to bound embedding time on a loaded machine; test keeps every report.
     ``crossfit`` (``"train"`` or ``"train+val"``): the rows of that pool get out-of-fold
-    vectors (``models/crossfit.py``) in ``crossfit_modalities``, the other rows and
-    modalities those of the given encoders.
+    vectors (``models/crossfit.py``) of the head inputs ``crossfit_inputs``, the other rows
+    and inputs those of the given encoders.
     """
     from models.datasets import audio_table, image_table, text_table
     from models.embed_cache import audio_embeddings, image_embeddings, text_embeddings
@@ -402,7 +402,7 @@ def load_pools(
             crossfit,
             text_enc,
             {"text": tdf, "image": idf, "audio": adf},
-            crossfit_modalities,
+            crossfit_inputs,
         )
     out = {s: {m: p.subset(split[m] == s) for m, p in pools.items()} for s in SPLITS}
     info["rows"] = {s: {m: len(p.y) for m, p in out[s].items()} for s in SPLITS}
@@ -414,28 +414,38 @@ def _cross_fit(
     pool: str,
     text_enc: Any,
     tables: dict[str, pl.DataFrame | None],
-    modalities: tuple[str, ...],
+    inputs: tuple[str, ...],
 ) -> dict[str, Any]:
-    """Put out-of-fold vectors in the rows of ``pool`` of ``modalities`` (in place); what was
-    used, for the card."""
+    """Put out-of-fold vectors of the head ``inputs`` (``models.fusion.INPUTS``) in the rows
+    of ``pool`` (in place); what was used, for the card. A call's two inputs come from one
+    fold Whisper: ``audio`` (its embedding) and ``transcript`` (its decoding, embedded)."""
     from models import crossfit
     from models.datasets import audio_table, image_table, text_table
 
     full = {"text": text_table, "image": image_table, "audio": audio_table}
+    of_input = {"text": "text", "image": "image", "audio": "audio", "transcript": "audio"}
     rows: dict[str, int] = {}
     encoders: dict[str, list[str]] = {}
-    for modality in modalities:
+    for modality in dict.fromkeys(of_input[i] for i in inputs):
         df = tables[modality]
         if df is None:
             continue
         mask, feats, paths = crossfit.out_of_fold(modality, df, pool, full[modality](), text_enc)
         encoders[modality] = [p.name for p in paths]
         for name, x in feats.items():
+            if name not in inputs:
+                continue
             col = pools[modality].x[name].copy()  # never write into a cached array
             col[mask] = x[mask]
             pools[modality].x[name] = col
         rows[modality] = int(mask.sum())
-    return {"pool": pool, "folds": crossfit.FOLDS, "rows": rows, "encoders": encoders}
+    return {
+        "pool": pool,
+        "folds": crossfit.FOLDS,
+        "inputs": list(inputs),
+        "rows": rows,
+        "encoders": encoders,
+    }
 
 
 def choose(
@@ -503,7 +513,7 @@ def run_training(
     vectors are training data, so nothing may be chosen on them again.
     ``choices_only``: stop after the val choices (no refit, no test look) and write them to
     ``out_dir/fusion_choices.json``, for a later ``choices`` run on refitted encoders.
-    ``crossfit``: for these modalities the head trains on out-of-fold vectors
+    ``crossfit``: for these head inputs the head trains on out-of-fold vectors
     (``models/crossfit.py``) of the rows it trains on: train + val with ``choices`` (the
     served refits saw them all), else train.
     """
@@ -534,7 +544,7 @@ def run_training(
         vision_enc=vision_enc,
         speech_enc=speech_enc,
         crossfit=("train+val" if choices is not None else "train") if crossfit else None,
-        crossfit_modalities=crossfit,
+        crossfit_inputs=crossfit,
     )
     info["text_cap"], info["test_cap"] = text_cap, test_cap
     base = replace(base, blank_view=info["blank_view"])

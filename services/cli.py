@@ -312,10 +312,11 @@ def broker(port: int | None) -> None:
 )
 @click.option(
     "--crossfit",
-    type=click.Choice(["text", "image", "audio", "all"]),
+    type=click.Choice(["text", "image", "audio", "transcript", "all"]),
     multiple=True,
-    help="Train the head on out-of-fold vectors of this modality (repeatable; all: every "
-    "modality). Fold encoders are fitted once and cached.",
+    help="Train the head on out-of-fold vectors of this head input (repeatable; audio: a "
+    "call's Whisper embedding, transcript: its decoding; all: every input). Fold encoders "
+    "are fitted once and cached.",
 )
 def train(
     steps: int,
@@ -335,6 +336,7 @@ def train(
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table.
     With --encoders, the selected encoder artifacts are first rebuilt from their recipes."""
+    from models.fusion import INPUTS
     from models.train import run_all
 
     if encoders:
@@ -355,7 +357,7 @@ def train(
         adapter_steps,
         choices_from,
         choices_only,
-        ("text", "image", "audio") if "all" in crossfit else crossfit,
+        INPUTS if "all" in crossfit else crossfit,
     )
 
 
