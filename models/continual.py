@@ -179,6 +179,8 @@ def trained_parameters(
 
     shared = {"bias", "input_weight", "zero_shot_weight"}
     experts = {INPUT_EXPERT[name] for e in examples for name in e.x}
+    if any("transcript" in e.x for e in examples) and "transcript" in head.experts:
+        experts.add("transcript")
     out: dict[str, torch.nn.Parameter] = {}
     for name, p in head.named_parameters():
         if cfg.trainable == "all":

@@ -25,7 +25,9 @@ ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
 HEAD_FILE = "fusion_head.safetensors"
 META_FILE = "fusion_head.json"
 
-# Input name -> expert name. The transcript shares the text expert: both are MiniLM vectors.
+# Input name -> expert name. The transcript shares the text expert: both are vectors of the
+# text encoder. A head built with a "transcript" width also has an own residual transcript
+# expert (FusionHead._transcript_logits).
 INPUT_EXPERT = {"text": "text", "image": "image", "audio": "audio", "transcript": "text"}
 INPUTS = tuple(INPUT_EXPERT)
 
@@ -53,6 +55,13 @@ class FusionHead(nn.Module):
                 for name, d in dims.items()
             }
         )
+        if "transcript" in self.experts:  # a residual: it starts as the text expert alone
+            expert = self.experts["transcript"]
+            assert isinstance(expert, nn.Sequential)
+            last = expert[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.input_weight = nn.Parameter(torch.ones(len(INPUTS)))
         self.bias = nn.Parameter(torch.zeros(n_labels))
         # Set by calibration (temperature scaling); 1.0 until then.
@@ -71,12 +80,25 @@ class FusionHead(nn.Module):
         for name in INPUTS:
             if name not in x:
                 continue
-            logits = self.experts[INPUT_EXPERT[name]](x[name])  # (B, K, L)
+            if name == "transcript" and "transcript" in self.experts:
+                logits = self._transcript_logits(x[name])
+            else:
+                logits = self.experts[INPUT_EXPERT[name]](x[name])  # (B, K, L)
             if INPUT_EXPERT[name] == "text":
                 logits = logits + self.zero_shot_weight * (x[name] @ self.prompts.T)
             m = mask[name].unsqueeze(-1).to(logits.dtype)
             out[name] = (logits * m).sum(1) / m.sum(1).clamp(min=1.0)
         return out
+
+    def _transcript_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The text expert's reading of a transcript plus the own transcript expert's
+        correction. The text expert is used with detached weights here: Whisper decodings
+        of unseen voices are noisier than reports, and training on them pulled the text
+        expert's reading of reports down (docs/crossfit.md, second study)."""
+        text = self.experts["text"]
+        frozen = {k: v.detach() for k, v in text.named_parameters()}
+        shared = torch.func.functional_call(text, frozen, (x,))
+        return shared + self.experts["transcript"](x)
 
     def forward(self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> torch.Tensor:
         """Uncalibrated fused logits (B, L). x[name]: (B, K, d); mask[name]: (B, K) bool."""

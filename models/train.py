@@ -81,6 +81,9 @@ class TrainConfig:
     seed: int = 0
     # Languages of the label descriptions averaged into the zero-shot prompts (label_prompts).
     prompt_langs: str = "en"
+    # Call transcripts get an own residual expert and leave the text expert's weights alone
+    # (FusionHead._transcript_logits); off: they train the shared text expert.
+    transcript_expert: bool = False
 
 
 # Tried on the validation groups; the best mean of fused and text val macro-F1 is kept.
@@ -192,6 +195,8 @@ def train_head(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     dims = {"text": 384, "image": 1280, "audio": 384} | input_dims(train)
+    if cfg.transcript_expert:
+        dims["transcript"] = dims["text"]
     head = FusionHead(dims, len(label_names()), cfg.hidden, cfg.dropout)
     if prompts is not None:
         head.prompts.copy_(torch.from_numpy(prompts))
@@ -670,9 +675,11 @@ def run_all(
     choices_from: Path | None = None,
     choices_only: bool = False,
     crossfit: tuple[str, ...] = (),
+    transcript_expert: bool = False,
 ) -> None:
     """``cityfuse train``: the fusion head and/or the CrisisMMD adapter and task heads, then
     the tables. ``adapter_steps`` overrides the adapter's step budget (a quick check);
+    ``transcript_expert``: see ``TrainConfig`` (with ``choices_from``, the choices' own);
     ``choices_from`` (a ``fusion_head.json``) reuses its val choices (see :func:`run_training`)."""
     import json
 
@@ -681,7 +688,7 @@ def run_all(
 
     out_dir = out or ARTIFACT_DIR
     if head:
-        cfg = TrainConfig(steps=steps)
+        cfg = TrainConfig(steps=steps, transcript_expert=transcript_expert)
         choices = json.loads(choices_from.read_text()) if choices_from else None
         meta = run_training(
             out_dir,

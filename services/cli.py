@@ -318,6 +318,12 @@ def broker(port: int | None) -> None:
     "call's Whisper embedding, transcript: its decoding; all: every input). Fold encoders "
     "are fitted once and cached.",
 )
+@click.option(
+    "--transcript-expert",
+    is_flag=True,
+    default=False,
+    help="Give call transcripts an own residual expert instead of training the text expert.",
+)
 def train(
     steps: int,
     out: Path | None,
@@ -332,6 +338,7 @@ def train(
     choices_from: Path | None,
     choices_only: bool,
     crossfit: tuple[str, ...],
+    transcript_expert: bool,
 ) -> None:
     """Embed ../shared/data (cached); fusion head: train, choose on val, refit, score test once;
     CrisisMMD task heads: train, choose on dev. Writes artifacts, model card, method table.
@@ -358,6 +365,7 @@ def train(
         choices_from,
         choices_only,
         INPUTS if "all" in crossfit else crossfit,
+        transcript_expert,
     )
 
 

@@ -161,3 +161,37 @@ def test_refit_with_earlier_choices_trains_on_train_and_val(models: Models, tmp_
     assert delta[ni] == pytest.approx(1.5, abs=1e-5)
     assert np.allclose(np.delete(delta, ni), 0.0, atol=1e-5)
     assert "choices of `fusion-earlier`" in (tmp_path / "MODEL_CARD.md").read_text()
+
+
+def test_an_own_transcript_expert_learns_from_calls_and_leaves_the_text_expert_alone() -> None:
+    from models.fusion import FusionHead
+
+    torch.manual_seed(0)
+    n = len(label_names())
+    own = FusionHead({"text": 8, "audio": 4, "transcript": 8}, n, hidden=16, dropout=0.0)
+    shared = FusionHead({"text": 8, "audio": 4}, n, hidden=16, dropout=0.0)
+    shared.load_state_dict({k: v for k, v in own.state_dict().items() if "transcript" not in k})
+    x = {"transcript": torch.randn(32, 1, 8)}
+    mask = {"transcript": torch.ones(32, 1, dtype=torch.bool)}
+    # The residual starts at zero: the same reading as a head whose transcripts share the expert.
+    assert torch.allclose(own(x, mask), shared(x, mask))
+    text_before = {k: v.clone() for k, v in own.experts["text"].state_dict().items()}
+    residual_before = {k: v.clone() for k, v in own.experts["transcript"].state_dict().items()}
+    opt = torch.optim.SGD(own.parameters(), lr=0.5)
+    y = torch.zeros(32, dtype=torch.long)
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(own(x, mask), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in own.experts["text"].state_dict().items():
+        assert torch.equal(v, text_before[k]), k
+    moved = [
+        k
+        for k, v in own.experts["transcript"].state_dict().items()
+        if not torch.equal(v, residual_before[k])
+    ]
+    assert moved, "the own transcript expert did not learn"
+    assert float(torch.nn.functional.cross_entropy(own(x, mask), y)) < float(
+        torch.nn.functional.cross_entropy(shared(x, mask), y)
+    )
