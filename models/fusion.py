@@ -96,8 +96,11 @@ class FusionHead(nn.Module):
         of unseen voices are noisier than reports, and training on them pulled the text
         expert's reading of reports down (docs/crossfit.md, second study)."""
         text = self.experts["text"]
-        frozen = {k: v.detach() for k, v in text.named_parameters()}
-        shared = torch.func.functional_call(text, frozen, (x,))
+        if torch.is_grad_enabled():
+            frozen = {k: v.detach() for k, v in text.named_parameters()}
+            shared = torch.func.functional_call(text, frozen, (x,))
+        else:  # serving: nothing to hold, and the plain call is cheaper
+            shared = text(x)
         return shared + self.experts["transcript"](x)
 
     def forward(self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> torch.Tensor:

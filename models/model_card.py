@@ -162,11 +162,17 @@ def model_card(meta: dict[str, Any]) -> str:
             f" fitted with the served recipe on the other of {cf['folds']} group folds"
             " (`models/crossfit.py`), so no training vector comes from an encoder that saw it"
         )
+    transcript = (
+        "; read by the text expert with its weights held, plus an own residual transcript"
+        " expert, so call decodings never retrain the expert that reads reports"
+        if cfg.get("transcript_expert")
+        else ""
+    )
     return f"""# Model card: CityFuse fusion head `{meta["version"]}`
 
 Late-fusion classification head over the encoders' vectors. Text view: `{data["text_encoder"]}`
 ({meta["dims"]["text"]}-d); frames: EfficientNet-Lite0; calls: Whisper encoder + transcript
-(the transcript through the same text view). Files: `{HEAD_FILE}` (safetensors),
+(the transcript through the same text view{transcript}). Files: `{HEAD_FILE}` (safetensors),
 `{META_FILE}` (dimensions, labels, choices, val and test reports). Rebuild: `cityfuse train`.
 Trainable parameters: {meta["trainable_params"]:,}; train + choose + test time
 {data["train_seconds"]} s on 2 CPU cores.
