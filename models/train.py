@@ -662,6 +662,23 @@ def _refit_with(
     return meta
 
 
+def served_recipe(folder: Path = ARTIFACT_DIR) -> tuple[dict[str, Any], tuple[str, ...]] | None:
+    """The served head's recipe when it was trained with earlier val choices (on refitted
+    encoders): those choices, as a choices file, and the inputs it cross-fitted. None for a
+    head that chose on its own val (or none at all): then a run chooses afresh."""
+    import json
+
+    path = folder / "fusion_head.json"
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text())
+    data, val = meta.get("data", {}), meta.get("validation", {})
+    if not data.get("choices_from"):
+        return None
+    choices = {**meta, "version": val.get("choices_from", data["choices_from"])}
+    return choices, tuple((data.get("crossfit") or {}).get("inputs", ()))
+
+
 def run_all(
     out: Path | None,
     steps: int = 1500,
@@ -690,6 +707,15 @@ def run_all(
     if head:
         cfg = TrainConfig(steps=steps, transcript_expert=transcript_expert)
         choices = json.loads(choices_from.read_text()) if choices_from else None
+        recipe = served_recipe() if choices is None and not choices_only else None
+        if recipe is not None:
+            # The served encoders are refits whose val vectors are seen: nothing may be chosen
+            # on val again, so a plain run rebuilds the served head from its recorded recipe.
+            choices, crossfit = recipe[0], crossfit or recipe[1]
+            console.print(
+                f"the served head's recipe: choices {choices['version']}, "
+                f"cross-fitted inputs {list(crossfit) or 'none'}"
+            )
         meta = run_training(
             out_dir,
             cfg,

@@ -195,3 +195,22 @@ def test_an_own_transcript_expert_learns_from_calls_and_leaves_the_text_expert_a
     assert float(torch.nn.functional.cross_entropy(own(x, mask), y)) < float(
         torch.nn.functional.cross_entropy(shared(x, mask), y)
     )
+
+
+def test_a_plain_train_run_takes_the_served_heads_recorded_recipe(tmp_path: Path) -> None:
+    import json
+
+    from models.fusion import ARTIFACT_DIR, META_FILE
+    from models.train import served_recipe
+
+    meta = json.loads((ARTIFACT_DIR / META_FILE).read_text())
+    recipe = served_recipe()
+    assert recipe is not None  # the served head reuses val choices made on train-only encoders
+    choices, inputs = recipe
+    assert choices["version"] == meta["validation"]["choices_from"]
+    assert choices["train_config"] == meta["train_config"]
+    assert list(inputs) == meta["data"].get("crossfit", {}).get("inputs", [])
+    # A head that chose on its own val has no recipe to replay: a run chooses afresh.
+    own = {**meta, "data": {k: v for k, v in meta["data"].items() if k != "choices_from"}}
+    (tmp_path / META_FILE).write_text(json.dumps(own))
+    assert served_recipe(tmp_path) is None
