@@ -175,12 +175,8 @@ def trained_parameters(
     head: FusionHead, cfg: LearnConfig, examples: list[Example]
 ) -> dict[str, torch.nn.Parameter]:
     """The parameters an update changes (``cfg.trainable``); the others stay as they were."""
-    from models.fusion import INPUT_EXPERT
-
     shared = {"bias", "input_weight", "zero_shot_weight"}
-    experts = {INPUT_EXPERT[name] for e in examples for name in e.x}
-    if any("transcript" in e.x for e in examples) and "transcript" in head.experts:
-        experts.add("transcript")
+    experts = {x for e in examples for name in e.x for x in head.experts_of(name)}
     out: dict[str, torch.nn.Parameter] = {}
     for name, p in head.named_parameters():
         if cfg.trainable == "all":

@@ -30,6 +30,8 @@ META_FILE = "fusion_head.json"
 # expert (FusionHead._transcript_logits).
 INPUT_EXPERT = {"text": "text", "image": "image", "audio": "audio", "transcript": "text"}
 INPUTS = tuple(INPUT_EXPERT)
+# Input name -> the event modality it comes from: a call gives its embedding and transcript.
+INPUT_MODALITY = {"text": "text", "image": "image", "audio": "audio", "transcript": "audio"}
 
 
 class FusionHead(nn.Module):
@@ -89,6 +91,12 @@ class FusionHead(nn.Module):
             m = mask[name].unsqueeze(-1).to(logits.dtype)
             out[name] = (logits * m).sum(1) / m.sum(1).clamp(min=1.0)
         return out
+
+    def experts_of(self, name: str) -> tuple[str, ...]:
+        """The experts whose weights an input's logits depend on: its shared expert, and for a
+        transcript the own one when the head has it."""
+        own = (name,) if name == "transcript" and name in self.experts else ()
+        return (INPUT_EXPERT[name], *own)
 
     def _transcript_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The text expert's reading of a transcript plus the own transcript expert's

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from models.fusion import ARTIFACT_DIR, FusionHead
+from models.fusion import ARTIFACT_DIR, INPUT_MODALITY, INPUTS, META_FILE, FusionHead
 from models.splits import three_way
 from models.weights import REFIT_SUFFIX
 from streams.console import console, progress
@@ -333,7 +333,7 @@ def load_pools(
     vision_enc: Any = None,
     speech_enc: Any = None,
     crossfit: str | None = None,
-    crossfit_inputs: tuple[str, ...] = ("text", "image", "audio", "transcript"),
+    crossfit_inputs: tuple[str, ...] = INPUTS,
 ) -> tuple[dict[str, dict[str, Pool]], dict[str, Any]]:
     """Embed (or load cached embeddings of) the development data; pools per three-way split.
 
@@ -428,10 +428,9 @@ def _cross_fit(
     from models.datasets import audio_table, image_table, text_table
 
     full = {"text": text_table, "image": image_table, "audio": audio_table}
-    of_input = {"text": "text", "image": "image", "audio": "audio", "transcript": "audio"}
     rows: dict[str, int] = {}
     encoders: dict[str, list[str]] = {}
-    for modality in dict.fromkeys(of_input[i] for i in inputs):
+    for modality in dict.fromkeys(INPUT_MODALITY[i] for i in inputs):
         df = tables[modality]
         if df is None:
             continue
@@ -668,7 +667,7 @@ def served_recipe(folder: Path = ARTIFACT_DIR) -> tuple[dict[str, Any], tuple[st
     head that chose on its own val (or none at all): then a run chooses afresh."""
     import json
 
-    path = folder / "fusion_head.json"
+    path = folder / META_FILE
     if not path.exists():
         return None
     meta = json.loads(path.read_text())

@@ -312,6 +312,7 @@ def broker(port: int | None) -> None:
 )
 @click.option(
     "--crossfit",
+    # models.fusion.INPUTS, spelled out so that the CLI starts without importing torch.
     type=click.Choice(["text", "image", "audio", "transcript", "all"]),
     multiple=True,
     help="Train the head on out-of-fold vectors of this head input (repeatable; audio: a "

@@ -173,6 +173,8 @@ def test_an_own_transcript_expert_learns_from_calls_and_leaves_the_text_expert_a
     shared.load_state_dict({k: v for k, v in own.state_dict().items() if "transcript" not in k})
     x = {"transcript": torch.randn(32, 1, 8)}
     mask = {"transcript": torch.ones(32, 1, dtype=torch.bool)}
+    assert own.experts_of("transcript") == ("text", "transcript")
+    assert shared.experts_of("transcript") == ("text",)
     # The residual starts at zero: the same reading as a head whose transcripts share the expert.
     assert torch.allclose(own(x, mask), shared(x, mask))
     text_before = {k: v.clone() for k, v in own.experts["text"].state_dict().items()}
