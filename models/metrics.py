@@ -118,7 +118,7 @@ def bootstrap_ci(
     def value(tt: np.ndarray, pp: np.ndarray) -> float:
         if metric == "accuracy":
             return float(np.mean(tt == pp)) if len(tt) else 0.0
-        return _macro_f1_array(tt, pp, labs)
+        return macro_f1_array(tt, pp, labs)
 
     point = value(t, p)
     if len(t) == 0:
@@ -129,8 +129,8 @@ def bootstrap_ci(
     return {"value": point, "lo": float(lo), "hi": float(hi), "n": len(t)}
 
 
-def _macro_f1_array(t: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> float:
-    """Vectorised macro-F1 (the bootstrap calls it a thousand times)."""
+def macro_f1_array(t: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> float:
+    """Vectorised macro-F1 over ``labels`` (bootstraps call it a thousand times)."""
     f1s = []
     for lab in labels:
         tp = float(np.sum((t == lab) & (p == lab)))

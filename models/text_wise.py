@@ -13,6 +13,13 @@ on the training rows' vectors at that ``wise``.
 ``wise`` on validation (a train-only artifact: its val rows are unseen) and writes
 ``models/artifacts/text_wise.json``; ``--apply ARTIFACT --wise W`` writes
 ``text_<method>-w<W>.safetensors`` (same adapter, ``wise`` in its recipe, the refitted head).
+
+``--loeo`` is the leave-events-out reading of the same grid (docs/crossfit.md, seventh
+study): val holds a handful of events, while a city's reports come from events no training
+run saw. Each of the two train + val text fold encoders (``models/crossfit.py``: the served
+recipe fitted on half of the events) embeds every train + val report at each ``wise``; a
+linear head fitted on the encoder's own half predicts the other half, so every report is
+read once by a model that never saw its event. ``wise = 0`` is frozen e5.
 """
 
 from __future__ import annotations
@@ -43,9 +50,13 @@ from models.finetune_text import (
     trainable_state,
 )
 from streams.console import console
+from streams.taxonomy import label_names
 
 GRID = (0.25, 0.5, 0.75, 1.0)
 STUDY_FILE = "text_wise.json"
+LOEO_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+LOEO_FILE = "text_wise_loeo.json"
+LOEO_POOL = "train+val"
 
 
 def _vectors(
@@ -95,6 +106,110 @@ def study(artifact: str, grid: tuple[float, ...] = GRID, threads: int = 2) -> di
     return doc
 
 
+def _fold_vectors(path: Path, wise: float, keys: list[str], texts: list[str]) -> np.ndarray:
+    """Vectors of ``texts`` from the fold encoder at ``path`` scaled to ``wise`` (cached:
+    rebuildable data, keyed by the rows)."""
+    from models.finetune_text import work_dir
+
+    cache = work_dir() / f"loeo-{path.stem}-w{wise:g}.npz"
+    if cache.exists():
+        data = np.load(cache, allow_pickle=False)
+        if data["keys"].tolist() == keys:
+            return np.asarray(data["x"])
+    model, tokenizer, cfg = load_classifier(path)
+    scale_lora(model, wise)
+    x = _vectors(model, tokenizer, texts, cfg, f"{path.stem} wise {wise:g}")
+    np.savez(cache, x=x, keys=np.array(keys))
+    return x
+
+
+def grouped_difference(
+    y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int = 1000
+) -> dict[str, float]:
+    """Macro-F1 of predictions ``a`` minus that of ``b``, with a 95% interval from resampling
+    whole groups (events): rows of one event are not independent draws."""
+    from models.metrics import macro_f1_array
+
+    names = np.array(label_names())
+    labels = names.tolist()
+    y, a, b = names[y], names[a], names[b]
+    rows_of = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    rng = np.random.default_rng(0)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+        diffs.append(
+            macro_f1_array(y[idx], a[idx], labels) - macro_f1_array(y[idx], b[idx], labels)
+        )
+    point = macro_f1_array(y, a, labels) - macro_f1_array(y, b, labels)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"value": float(point), "lo": float(lo), "hi": float(hi), "groups": len(rows_of)}
+
+
+def loeo_study(grid: tuple[float, ...] = LOEO_GRID, threads: int = 2) -> dict[str, Any]:
+    """Leave-events-out macro-F1 of each ``wise`` (module docstring); the choice keeps the
+    served ``wise = 1`` unless another beats it with a grouped interval above 0."""
+    from models.crossfit import FOLDS, ensure_folds
+    from models.datasets import text_table
+    from models.splits import crossfit_fold
+
+    torch.set_num_threads(threads)
+    paths = ensure_folds(LOEO_POOL, ("text",))["text"]
+    rows_df = load_splits(fit_on=LOEO_POOL).train
+    table = text_table()
+    fold_of = dict(
+        zip(
+            table["key"].to_list(),
+            crossfit_fold(table, "text", LOEO_POOL, FOLDS).to_list(),
+            strict=True,
+        )
+    )
+    keys, texts = rows_df["key"].to_list(), rows_df["text"].to_list()
+    fold = np.array([fold_of[k] for k in keys])
+    y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
+    groups = rows_df["group"].to_numpy()
+    preds: dict[float, np.ndarray] = {}
+    rows: list[dict[str, Any]] = []
+    for wise in grid:
+        pred = np.full(len(y), -1)
+        for held, path in enumerate(paths):  # path: fitted on the rows outside fold `held`
+            x = _fold_vectors(path, wise, keys, texts)
+            head = fit_head(x[fold != held], y[fold != held], len(label_names()))
+            with torch.no_grad():
+                pred[fold == held] = head(torch.from_numpy(x[fold == held])).argmax(1).numpy()
+        preds[wise] = pred
+        s = score(y, pred, langs)
+        rows.append({"wise": wise, "loeo": s})
+        console.print(
+            f"wise {wise:g}: leave-events-out macro-F1 {s['macro_f1']['value']:.3f} "
+            + " ".join(f"{k} {v['value']:.3f}" for k, v in s["per_language"].items())
+            + f"; incidents->none {s['incidents_as_no_incident']:.1%}"
+        )
+    served = 1.0
+    for r in rows:
+        r["minus_served"] = grouped_difference(y, preds[r["wise"]], preds[served], groups)
+    better = [r for r in rows if r["minus_served"]["lo"] > 0]
+    chosen = (
+        float(max(better, key=lambda r: r["loeo"]["macro_f1"]["value"])["wise"])
+        if better
+        else served
+    )
+    doc = {
+        "_doc": (
+            "Leave-events-out WiSE-FT study (models/text_wise.py --loeo; docs/crossfit.md, "
+            "seventh study): every train + val report read by a fold encoder and linear head "
+            "that never saw its event. Rule: the served wise 1 stays unless another wise's "
+            "macro-F1 minus the served one has a 95% event-bootstrap interval above 0; then "
+            "the best such wise."
+        ),
+        "folds": [p.name for p in paths],
+        "rows": rows,
+        "chosen": chosen,
+    }
+    (ARTIFACTS / LOEO_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return doc
+
+
 def choose(rows: list[dict[str, Any]]) -> float:
     """The text rule (:func:`models.finetune_text.most_even`) over ``wise`` rows."""
     pick = most_even(
@@ -116,8 +231,8 @@ def apply(artifact: str, wise: float, out_dir: Path = ARTIFACTS, threads: int = 
     splits = load_splits(fit_on=cfg.fit_on)
     x = _vectors(model, tokenizer, splits.train["text"].to_list(), cfg, f"wise {wise}: head")
     head = fit_head(x, splits.train["y"].to_numpy(), len(splits.labels))
+    model, _, _ = load_classifier(ARTIFACTS / artifact)  # the file keeps the trained adapter
     model.head.load_state_dict(head.state_dict())
-    scale_lora(model, 1 / wise)  # the file keeps the trained adapter; loading scales it
     new = replace(cfg, wise=wise, tag=f"{cfg.tag}-w{wise:g}".lstrip("-"))
     path = out_dir / f"text_{new.name}.safetensors"
     save_artifact(trainable_state(model), path, _metadata(new))
@@ -131,12 +246,15 @@ def main() -> None:
     ap.add_argument("--study", default=None, help="a train-only LoRA artifact to study on val")
     ap.add_argument("--apply", default=None, help="an artifact to write with --wise")
     ap.add_argument("--wise", type=float, default=None)
+    ap.add_argument("--loeo", action="store_true", help="the leave-events-out study")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if args.study:
+    if args.loeo:
+        console.print(f"chosen wise = {loeo_study(threads=args.threads)['chosen']:g}")
+    elif args.study:
         doc = study(args.study, threads=args.threads)
         console.print(f"chosen wise = {doc['chosen']}")
-    elif args.apply and args.wise:
+    elif args.apply and args.wise is not None:
         apply(args.apply, args.wise, threads=args.threads)
     else:
         ap.error("give --study ARTIFACT, or --apply ARTIFACT --wise W")
