@@ -49,6 +49,7 @@ from models.finetune_text import (
     score,
     trainable_state,
 )
+from models.splits import fit_suffix
 from streams.console import console
 from streams.taxonomy import label_names
 
@@ -233,7 +234,10 @@ def apply(artifact: str, wise: float, out_dir: Path = ARTIFACTS, threads: int = 
     head = fit_head(x, splits.train["y"].to_numpy(), len(splits.labels))
     model, _, _ = load_classifier(ARTIFACTS / artifact)  # the file keeps the trained adapter
     model.head.load_state_dict(head.state_dict())
-    new = replace(cfg, wise=wise, tag=f"{cfg.tag}-w{wise:g}".lstrip("-"))
+    # The fit's suffix stays last, so models.train.train_only pairs a refit with its twin.
+    suffix = fit_suffix(cfg.fit_on)
+    tag = f"{cfg.tag.removesuffix(suffix)}-w{wise:g}".lstrip("-") + suffix
+    new = replace(cfg, wise=wise, tag=tag)
     path = out_dir / f"text_{new.name}.safetensors"
     save_artifact(trainable_state(model), path, _metadata(new))
     console.print(f"wrote {path.name} (wise {asdict(new)['wise']})")
