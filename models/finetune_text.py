@@ -781,31 +781,47 @@ def write_card(
         "Known misses of the served artifact's own head on clear reports (tests check the rest):",
     ]
     lines += [f"- {report!r} → `{got}` (truth `{want}`)" for report, want, got in KNOWN_MISSES]
-    wise = table.parent / "text_wise.json"
-    if wise.exists():  # models/text_wise.py: WiSE-FT study on val
-        w = json.loads(wise.read_text(encoding="utf-8"))
-        lines += [
-            "",
-            f"WiSE-FT (base + wise x LoRA delta of `{w['artifact']}`, a linear head refitted per"
-            " wise on the train rows; val; `python -m models.text_wise --study ...`):",
-            "",
-            "| wise | val macro-F1 [95% CI] | en | es | it | pt | incidents → no_incident |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in w["rows"]:
-            f1, lang = r["val"]["macro_f1"], r["val"]["per_language"]
-            lines.append(
-                f"| {r['wise']:g} | {f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}] | "
-                + " | ".join(f"{lang[k]['value']:.3f}" if k in lang else "-" for k in LANGS)
-                + f" | {r['val']['incidents_as_no_incident']:.1%} |"
-            )
-        lines += ["", f"Chosen by the text rule: wise = {w['chosen']:g}."]
+    lines += _wise_lines(
+        table.parent / "text_wise.json",
+        "val",
+        "WiSE-FT (base + wise x LoRA delta of `{artifact}`, a linear head refitted per wise on"
+        " the train rows; val; `python -m models.text_wise --study ...`):",
+    )
+    lines += _wise_lines(
+        table.parent / "text_wise_loeo.json",
+        "loeo",
+        "WiSE-FT read leave-events-out (the train + val fold encoders; each report read by an"
+        " encoder and head that never saw its event; `python -m models.text_wise --loeo`;"
+        " docs/crossfit.md, seventh study):",
+    )
     from models.crisismmd_adapter import card_lines
 
     lines += card_lines(table.parent)
     text = "\n".join(lines) + "\n"
     path.write_text(text, encoding="utf-8")
     return text
+
+
+def _wise_lines(path: Path, key: str, heading: str) -> list[str]:
+    """Model-card table of a WiSE-FT study file (``models/text_wise.py``), if it exists."""
+    if not path.exists():
+        return []
+    w = json.loads(path.read_text(encoding="utf-8"))
+    lines = [
+        "",
+        heading.format(artifact=w.get("artifact", "")),
+        "",
+        f"| wise | {key} macro-F1 [95% CI] | en | es | it | pt | incidents → no_incident |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in w["rows"]:
+        f1, lang = r[key]["macro_f1"], r[key]["per_language"]
+        lines.append(
+            f"| {r['wise']:g} | {f1['value']:.3f} [{f1['lo']:.3f}, {f1['hi']:.3f}] | "
+            + " | ".join(f"{lang[k]['value']:.3f}" if k in lang else "-" for k in LANGS)
+            + f" | {r[key]['incidents_as_no_incident']:.1%} |"
+        )
+    return [*lines, "", f"Chosen: wise = {w['chosen']:g}."]
 
 
 def main() -> None:
