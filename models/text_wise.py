@@ -221,6 +221,13 @@ def choose(rows: list[dict[str, Any]]) -> float:
     return float(pick["wise"])
 
 
+def wise_tag(cfg: FTConfig, wise: float) -> str:
+    """The tag of ``cfg``'s artifact at ``wise``. The fit's suffix stays last, so
+    ``models.train.train_only`` still pairs a refit with its train-only twin."""
+    suffix = fit_suffix(cfg.fit_on)
+    return f"{cfg.tag.removesuffix(suffix)}-w{wise:g}".lstrip("-") + suffix
+
+
 def apply(artifact: str, wise: float, out_dir: Path = ARTIFACTS, threads: int = 2) -> Path:
     """``text_<name>-w<wise>.safetensors``: the adapter with ``wise`` in its recipe and a head
     refitted on the vectors of the rows it was trained on (its ``fit_on``)."""
@@ -234,10 +241,7 @@ def apply(artifact: str, wise: float, out_dir: Path = ARTIFACTS, threads: int = 
     head = fit_head(x, splits.train["y"].to_numpy(), len(splits.labels))
     model, _, _ = load_classifier(ARTIFACTS / artifact)  # the file keeps the trained adapter
     model.head.load_state_dict(head.state_dict())
-    # The fit's suffix stays last, so models.train.train_only pairs a refit with its twin.
-    suffix = fit_suffix(cfg.fit_on)
-    tag = f"{cfg.tag.removesuffix(suffix)}-w{wise:g}".lstrip("-") + suffix
-    new = replace(cfg, wise=wise, tag=tag)
+    new = replace(cfg, wise=wise, tag=wise_tag(cfg, wise))
     path = out_dir / f"text_{new.name}.safetensors"
     save_artifact(trainable_state(model), path, _metadata(new))
     console.print(f"wrote {path.name} (wise {asdict(new)['wise']})")

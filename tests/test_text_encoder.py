@@ -242,3 +242,31 @@ def test_a_cross_fit_text_fold_trains_on_the_other_fold_only() -> None:
     assert fitted["key"].to_list() == expected
     held_events = {g for k, g in zip(table["key"], table["group"], strict=True) if fold[k] == 1}
     assert held_events and not held_events & set(fitted["group"])
+
+
+def test_wise_variants_keep_the_refit_suffix_last() -> None:
+    from models.finetune_text import FTConfig
+    from models.text_wise import wise_tag
+
+    refit = FTConfig(method="lora", tag="all16-s300-tv", fit_on="train+val")
+    assert wise_tag(refit, 0.5) == "all16-s300-w0.5-tv"
+    assert wise_tag(FTConfig(method="lora", tag="all16-s300"), 0.25) == "all16-s300-w0.25"
+
+
+def test_the_event_bootstrap_difference_sees_a_better_reader_and_no_difference() -> None:
+    """Macro-F1 differences resampled by whole events: a reader right on every event beats
+    one wrong on half of them with an interval above 0; a reader against itself gives 0."""
+    import numpy as np
+
+    from models.text_wise import grouped_difference
+
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(12), 40)
+    y = rng.integers(0, 7, len(groups))
+    right = y.copy()
+    half = np.where(groups % 2 == 0, y, (y + 1) % 7)
+    better = grouped_difference(y, right, half, groups)
+    assert better["groups"] == 12
+    assert 0 < better["lo"] <= better["value"] <= better["hi"]
+    same = grouped_difference(y, half, half, groups)
+    assert same["value"] == same["lo"] == same["hi"] == 0.0
