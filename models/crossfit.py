@@ -86,6 +86,19 @@ def _fold_encoder(modality: str, path: Path) -> Any:
     return SpeechEncoder(config=replace(speech_config(), artifact=str(path)))
 
 
+def fold_ids(df: pl.DataFrame, full: pl.DataFrame, modality: str, pool: str) -> np.ndarray:
+    """The cross-fit fold of each row of ``df`` (-1 outside ``pool``), dealt on the modality's
+    whole table ``full`` so that any subset of it gets the same folds."""
+    fold_of = dict(
+        zip(
+            full["key"].to_list(),
+            crossfit_fold(full, modality, pool, FOLDS).to_list(),
+            strict=True,
+        )
+    )
+    return np.array([fold_of[k] for k in df["key"]])
+
+
 def out_of_fold(
     modality: str, df: pl.DataFrame, pool: str, full: pl.DataFrame, text_enc: Any
 ) -> tuple[np.ndarray, dict[str, np.ndarray], list[Path]]:
@@ -97,14 +110,7 @@ def out_of_fold(
     from models.embed_cache import audio_embeddings, image_embeddings, text_embeddings
 
     paths = ensure_folds(pool, (modality,))[modality]
-    fold_of = dict(
-        zip(
-            full["key"].to_list(),
-            crossfit_fold(full, modality, pool, FOLDS).to_list(),
-            strict=True,
-        )
-    )
-    fold = np.array([fold_of[k] for k in df["key"]])
+    fold = fold_ids(df, full, modality, pool)
     feats: dict[str, np.ndarray] = {}
     for held, path in enumerate(paths):
         rows = np.flatnonzero(fold == held)

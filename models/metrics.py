@@ -129,7 +129,7 @@ def bootstrap_ci(
     return {"value": point, "lo": float(lo), "hi": float(hi), "n": len(t)}
 
 
-def macro_f1_array(t: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> float:
+def macro_f1_array(t: np.ndarray, p: np.ndarray, labels: Sequence[object]) -> float:
     """Vectorised macro-F1 over ``labels`` (bootstraps call it a thousand times)."""
     f1s = []
     for lab in labels:
@@ -138,6 +138,42 @@ def macro_f1_array(t: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> float
         fn = float(np.sum((t == lab) & (p != lab)))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return float(np.mean(f1s)) if f1s else 0.0
+
+
+def precision_lower_bound(
+    truth: np.ndarray, pred: np.ndarray, label: object, n_boot: int = 1000, q: float = 5.0
+) -> float:
+    """The ``q``-th percentile of ``label``'s precision over bootstrap resamples of the rows
+    (seeded): how surely a precision bar is cleared, not just its point estimate."""
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(truth), size=(n_boot, len(truth)))
+    said = pred[idx] == label
+    right = said & (truth[idx] == label)
+    prec = right.sum(1) / np.maximum(said.sum(1), 1)
+    return float(np.percentile(prec, q))
+
+
+def grouped_difference(
+    y: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    groups: np.ndarray,
+    labels: Sequence[object] | None = None,
+    n_boot: int = 1000,
+) -> dict[str, float]:
+    """Macro-F1 of predictions ``a`` minus that of ``b`` (over ``labels``, by default those in
+    ``y``), with a 95% interval from resampling whole groups (events): rows of one event are
+    not independent draws."""
+    labs = sorted(set(y.tolist())) if labels is None else list(labels)
+    rows_of = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    rng = np.random.default_rng(0)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+        diffs.append(macro_f1_array(y[idx], a[idx], labs) - macro_f1_array(y[idx], b[idx], labs))
+    point = macro_f1_array(y, a, labs) - macro_f1_array(y, b, labs)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"value": float(point), "lo": float(lo), "hi": float(hi), "groups": len(rows_of)}
 
 
 def record_test(doc: dict[str, Any], result: dict[str, Any], key: str) -> dict[str, Any]:

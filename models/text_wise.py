@@ -108,65 +108,31 @@ def study(artifact: str, grid: tuple[float, ...] = GRID, threads: int = 2) -> di
 
 
 def _fold_vectors(path: Path, wise: float, keys: list[str], texts: list[str]) -> np.ndarray:
-    """Vectors of ``texts`` from the fold encoder at ``path`` scaled to ``wise`` (cached:
-    rebuildable data, keyed by the rows)."""
-    from models.finetune_text import work_dir
+    """Vectors of ``texts`` from the fold encoder at ``path`` scaled to ``wise``, cached by the
+    encoder's exact weights and the rows (``models.embed_cache``)."""
+    from models.embed_cache import cached
+    from models.text_e5ft import artifact_version
 
-    cache = work_dir() / f"loeo-{path.stem}-w{wise:g}.npz"
-    if cache.exists():
-        data = np.load(cache, allow_pickle=False)
-        if data["keys"].tolist() == keys:
-            return np.asarray(data["x"])
-    model, tokenizer, cfg = load_classifier(path)
-    scale_lora(model, wise)
-    x = _vectors(model, tokenizer, texts, cfg, f"{path.stem} wise {wise:g}")
-    np.savez(cache, x=x, keys=np.array(keys))
-    return x
+    def embed() -> dict[str, np.ndarray]:
+        model, tokenizer, cfg = load_classifier(path)
+        scale_lora(model, wise)
+        return {"text": _vectors(model, tokenizer, texts, cfg, f"{path.stem} wise {wise:g}")}
 
-
-def grouped_difference(
-    y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int = 1000
-) -> dict[str, float]:
-    """Macro-F1 of predictions ``a`` minus that of ``b``, with a 95% interval from resampling
-    whole groups (events): rows of one event are not independent draws."""
-    from models.metrics import macro_f1_array
-
-    names = np.array(label_names())
-    labels = names.tolist()
-    y, a, b = names[y], names[a], names[b]
-    rows_of = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    rng = np.random.default_rng(0)
-    diffs = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
-        diffs.append(
-            macro_f1_array(y[idx], a[idx], labels) - macro_f1_array(y[idx], b[idx], labels)
-        )
-    point = macro_f1_array(y, a, labels) - macro_f1_array(y, b, labels)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"value": float(point), "lo": float(lo), "hi": float(hi), "groups": len(rows_of)}
+    return cached("text", f"{artifact_version(path)}-w{wise:g}", keys, embed)["text"]
 
 
 def loeo_study(grid: tuple[float, ...] = LOEO_GRID, threads: int = 2) -> dict[str, Any]:
     """Leave-events-out macro-F1 of each ``wise`` (module docstring); the choice keeps the
     served ``wise = 1`` unless another beats it with a grouped interval above 0."""
-    from models.crossfit import FOLDS, ensure_folds
+    from models.crossfit import ensure_folds, fold_ids
     from models.datasets import text_table
-    from models.splits import crossfit_fold
+    from models.metrics import grouped_difference
 
     torch.set_num_threads(threads)
     paths = ensure_folds(LOEO_POOL, ("text",))["text"]
     rows_df = load_splits(fit_on=LOEO_POOL).train
-    table = text_table()
-    fold_of = dict(
-        zip(
-            table["key"].to_list(),
-            crossfit_fold(table, "text", LOEO_POOL, FOLDS).to_list(),
-            strict=True,
-        )
-    )
     keys, texts = rows_df["key"].to_list(), rows_df["text"].to_list()
-    fold = np.array([fold_of[k] for k in keys])
+    fold = fold_ids(rows_df, text_table(), "text", LOEO_POOL)
     y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
     groups = rows_df["group"].to_numpy()
     preds: dict[float, np.ndarray] = {}
@@ -188,7 +154,9 @@ def loeo_study(grid: tuple[float, ...] = LOEO_GRID, threads: int = 2) -> dict[st
         )
     served = 1.0
     for r in rows:
-        r["minus_served"] = grouped_difference(y, preds[r["wise"]], preds[served], groups)
+        r["minus_served"] = grouped_difference(
+            y, preds[r["wise"]], preds[served], groups, range(len(label_names()))
+        )
     better = [r for r in rows if r["minus_served"]["lo"] > 0]
     chosen = (
         float(max(better, key=lambda r: r["loeo"]["macro_f1"]["value"])["wise"])

@@ -258,27 +258,16 @@ def evaluate_head(
     )
 
 
-# The no_incident precision bar and how surely val must clear it (docs/crossfit.md, sixth
-# study): a bar met by a hair on val was missed on unseen events.
+# The no_incident precision bar; val must clear it at the 5th percentile of its bootstrap
+# (docs/crossfit.md, sixth study): a bar met by a hair on val was missed on unseen events.
 NI_PRECISION_BAR = 0.80
-_BAR_RESAMPLES, _BAR_QUANTILE = 1000, 5.0
-
-
-def precision_lower_bound(truth: np.ndarray, pred: np.ndarray, label: int) -> float:
-    """5th percentile of ``label``'s precision over bootstrap resamples of the rows (seeded)."""
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(truth), size=(_BAR_RESAMPLES, len(truth)))
-    said = pred[idx] == label
-    right = said & (truth[idx] == label)
-    prec = right.sum(1) / np.maximum(said.sum(1), 1)
-    return float(np.percentile(prec, _BAR_QUANTILE))
 
 
 def choose_offset(logits: torch.Tensor, y: torch.Tensor) -> float:
     """``no_incident`` logit offset maximising val fused macro-F1 among offsets whose
     ``no_incident`` precision clears the bar with a bootstrap margin (its lower bound,
-    :func:`precision_lower_bound`, is >= ``NI_PRECISION_BAR``); when none does, the offset
-    with the highest lower bound."""
+    :func:`models.metrics.precision_lower_bound`, is >= ``NI_PRECISION_BAR``); when none
+    does, the offset with the highest lower bound."""
     from models import metrics
 
     names = label_names()
@@ -289,9 +278,9 @@ def choose_offset(logits: torch.Tensor, y: torch.Tensor) -> float:
         shifted = logits.clone()
         shifted[:, ni] += float(off)
         pred = shifted.argmax(-1).numpy()
-        low = precision_lower_bound(truth, pred, ni)
+        low = metrics.precision_lower_bound(truth, pred, ni)
         clears = low >= NI_PRECISION_BAR
-        f1 = metrics.macro_f1([names[i] for i in truth], [names[i] for i in pred], names)
+        f1 = metrics.macro_f1_array(truth, pred, range(len(names)))
         cand = (clears, f1 if clears else low, float(off))
         if cand[:2] > best[:2]:
             best = cand

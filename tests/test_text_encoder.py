@@ -258,7 +258,7 @@ def test_the_event_bootstrap_difference_sees_a_better_reader_and_no_difference()
     one wrong on half of them with an interval above 0; a reader against itself gives 0."""
     import numpy as np
 
-    from models.text_wise import grouped_difference
+    from models.metrics import grouped_difference
 
     rng = np.random.default_rng(1)
     groups = np.repeat(np.arange(12), 40)
