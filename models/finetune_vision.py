@@ -35,13 +35,14 @@ from models.vision import (
     NO_INCIDENT,
     adapt,
     build_backbone,
-    centre_crops,
+    frame_views,
     load_artifact,
     merge_adapters,
     normalise,
     pooled,
     quantise_int8,
     trainable_state,
+    view_suffix,
 )
 from models.weights import EFFNET_LITE0_SHA256, SHIP_BYTES
 from streams.console import console, progress
@@ -66,6 +67,9 @@ class FinetuneConfig:
     # Top methods: augmented views per training frame, pushed once through the frozen
     # stages 0-4 and cached; epochs cycle through the clean view and these.
     views: int = 2
+    # How a stored frame becomes the 224 px input (models.vision.VIEWS); the artifact keeps
+    # it, and the encoder that loads the artifact reads frames the same way.
+    view: str = "crop"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,23 +93,27 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Frames:
-    """The image table with its split, stored frames (uint8) and centre crops (uint8)."""
+    """The image table with its split, stored frames (uint8) and their 224 px inputs (uint8)
+    under ``view``."""
 
     df: pl.DataFrame
     raw: list[torch.Tensor]
     crops: torch.Tensor
     y: np.ndarray
+    view: str = "crop"
 
     def rows(self, split: str) -> np.ndarray:
         """Row indices of one split."""
         return np.flatnonzero(self.df["split"].to_numpy() == split)
 
 
-def load_frames(df: pl.DataFrame | None = None, keep_raw: bool = True) -> Frames:
+def load_frames(
+    df: pl.DataFrame | None = None, keep_raw: bool = True, view: str = "crop"
+) -> Frames:
     """Decode every frame once into RAM (the data is ~1,600 frames of 256 px).
 
-    ``keep_raw=False`` keeps only the centre crops (enough for methods trained on the
-    stage-4 cache, and ~3x less memory).
+    ``keep_raw=False`` keeps only the 224 px inputs (enough for methods trained on the
+    stage-4 cache, and ~3x less memory). ``view``: how a frame becomes that input.
     """
     from models.datasets import image_table
     from models.images import decode_image
@@ -124,10 +132,10 @@ def load_frames(df: pl.DataFrame | None = None, keep_raw: bool = True) -> Frames
                 raw.append(
                     torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
                 )
-            crops.append(centre_crops([img])[0])
+            crops.append(frame_views([img], view=view)[0])
             bar.advance(task)
     y = np.array([names.index(v) for v in df["label"]], dtype=np.int64)
-    return Frames(df, raw, torch.stack(crops), y)
+    return Frames(df, raw, torch.stack(crops), y, view)
 
 
 def augmenter() -> Any:
@@ -219,14 +227,16 @@ def _cache_path(data: Frames, views: int, seed: int, shard: int, shards: int) ->
 
     folder = cache_dir() / "vision_stage4"
     folder.mkdir(parents=True, exist_ok=True)
-    tag = f"{len(data.df)}-{EFFNET_LITE0_SHA256[:8]}-v{views}-s{seed}"
+    tag = f"{len(data.df)}-{EFFNET_LITE0_SHA256[:8]}-v{views}-s{seed}{view_suffix(data.view)}"
     return folder / f"{tag}-{shard}of{shards}.pt"
 
 
 def augmented_views(data: Frames, i: int, views: int, seed: int, aug: Any) -> list[torch.Tensor]:
     """The ``views`` augmented copies of row ``i``, each seeded by (seed, view, row) so that
     they do not depend on which process, shard or split asks. Frames loaded without their
-    stored pixels (``keep_raw=False``) are decoded here."""
+    stored pixels (``keep_raw=False``) are decoded here. Under the ``squash`` frame view
+    the augmentation starts from the squashed frame: training sees the geometry service
+    sees."""
     if data.raw:
         raw = data.raw[i]
     else:
@@ -234,6 +244,8 @@ def augmented_views(data: Frames, i: int, views: int, seed: int, aug: Any) -> li
 
         img = decode_image(Path(data.df["path"][i]).read_bytes())
         raw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    if data.view == "squash":
+        raw = data.crops[i]
     out = []
     for v in range(views):
         torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
@@ -306,6 +318,8 @@ def train_method(
     Top methods train on cached activations (``acts``); ``full`` and ``bitfit`` on
     augmented images. BatchNorm statistics stay frozen; the classifier's dropout trains.
     """
+    if cfg.view != data.view:
+        raise ValueError(f"the recipe reads frames as {cfg.view!r}, the data as {data.view!r}")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -344,7 +358,8 @@ def train_method(
                     h = src.float().contiguous(memory_format=torch.channels_last)
                     logits = model.classifier(top(model, h))
                 else:
-                    logits = model(normalise(torch.stack([aug(data.raw[j]) for j in idx])))
+                    src_of = data.raw if data.view == "crop" else data.crops
+                    logits = model(normalise(torch.stack([aug(src_of[j]) for j in idx])))
                 loss = nn.functional.cross_entropy(
                     logits,
                     torch.from_numpy(data.y[idx]),
@@ -465,9 +480,9 @@ def reference_study(
 def save_artifact(model: Any, cfg: FinetuneConfig, out_dir: Path, name: str = "") -> Path:
     """The trained tensors (+ classifier) as safetensors, with method and base-weight hash.
 
-    ``name``: the file's stem after ``vision_`` (default: the method)."""
+    ``name``: the file's stem after ``vision_`` (default: the method and its frame view)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"vision_{name or cfg.method}.safetensors"
+    path = out_dir / f"vision_{name or cfg.method + view_suffix(cfg.view)}.safetensors"
     meta = {
         "method": cfg.method,
         "labels": json.dumps(label_names()),
@@ -506,8 +521,12 @@ def run(
     data: Frames | None = None,
     shards: int = 1,
     light: bool = False,
+    view: str = "crop",
 ) -> dict[str, Any]:
-    """Fine-tune one method on "train", choose its epoch on "val", save artifact and table row."""
+    """Fine-tune one method on "train", choose its epoch on "val", save artifact and table row.
+
+    ``view``: how frames become the 224 px input (``models.vision.VIEWS``); a view other
+    than the crop names the artifact and the table row (``top-sq``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     params = dict(DEFAULTS[method])
@@ -515,9 +534,9 @@ def run(
         params["epochs"] = epochs
     if lr is not None:
         params["lr"] = lr
-    cfg = FinetuneConfig(method=method, threads=threads, **params)
+    cfg = FinetuneConfig(method=method, threads=threads, view=view, **params)
     torch.set_num_threads(threads)
-    data = data or load_frames(keep_raw=method not in TOP_METHODS)
+    data = data or load_frames(keep_raw=method not in TOP_METHODS, view=view)
     t0 = time.perf_counter()
     acts = load_activations(data, cfg.views, cfg.seed, shards) if method in TOP_METHODS else None
     cache_seconds = time.perf_counter() - t0
@@ -554,7 +573,7 @@ def run(
         "inference_ms_per_frame": round(inference_ms(model, data.crops[data.rows("val")]), 2),
         "val": study,
     }
-    update_methods_file(method, row, out_dir)
+    update_methods_file(method + view_suffix(view), row, out_dir)
     print_row(row)
     return row
 

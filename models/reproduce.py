@@ -72,13 +72,20 @@ def refinetune(
             from models.vision_cv import refit
 
             threads = int(config.get("threads", 1))
-            return refit(method, threads=threads, out_dir=folder, fit_on=vision_fit)
+            return refit(
+                method,
+                threads=threads,
+                out_dir=folder,
+                fit_on=vision_fit,
+                view=str(config.get("view", "crop")),
+            )
         return finetune_vision.run(
             method,
             epochs=int(config["epochs"]),
             lr=float(config["lr"]),
             out_dir=folder,
             threads=int(config.get("threads", 1)),
+            view=str(config.get("view", "crop")),
         )
     from models import finetune_speech
 

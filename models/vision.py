@@ -232,9 +232,32 @@ def centre_crop(img: Image.Image, size: int = 224) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def centre_crops(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor:
-    """uint8 (n, 3, size, size): :func:`centre_crop` of each frame."""
-    arrs = [np.asarray(centre_crop(img, size), dtype=np.uint8) for img in images]
+# How a stored frame becomes the encoder's square input. "crop": its centre square (drops
+# the sides of a wide CCTV frame); "squash": the whole frame resized, aspect not kept
+# (docs/crossfit.md, eighth study). An artifact records the view it was trained on.
+VIEWS = ("crop", "squash")
+
+
+def view_suffix(view: str) -> str:
+    """What a view adds to an artifact's name: nothing for the original crop."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown frame view {view!r} (one of {', '.join(VIEWS)})")
+    return "" if view == "crop" else "-sq"
+
+
+def frame_view(img: Image.Image, size: int = 224, view: str = "crop") -> Image.Image:
+    """The ``size`` x ``size`` input of one frame under ``view`` (see :data:`VIEWS`)."""
+    view_suffix(view)  # validates
+    if view == "crop":
+        return centre_crop(img, size)
+    if img.size == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def frame_views(images: Sequence[Image.Image], size: int = 224, view: str = "crop") -> torch.Tensor:
+    """uint8 (n, 3, size, size): :func:`frame_view` of each frame."""
+    arrs = [np.asarray(frame_view(img, size, view), dtype=np.uint8) for img in images]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -292,10 +315,12 @@ class VisionEncoder:
         self.method = "frozen"
         self.artifact = artifact
         self.version = f"effnet-lite0-{EFFNET_LITE0_SHA256[:12]}"
+        self.view = "crop"  # the frozen base and artifacts older than the view field
         if artifact:
             path = ARTIFACT_DIR / artifact
             self.model, meta = load_artifact(path)
             self.method = meta["method"]
+            self.view = str(json.loads(meta.get("config", "{}")).get("view", "crop"))
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
             self.version = f"{Path(artifact).stem}-{digest}"
             self.task_head: nn.Module | None = self.model.classifier
@@ -380,8 +405,10 @@ class VisionEncoder:
         return eager(self, "graph", "compiled")
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Resize (shorter side) and centre-crop to 224, scale to [-1, 1]."""
-        return normalise(centre_crops(images, self.size), channels_last=self.compiled is None)
+        """The artifact's view of each frame (:func:`frame_view`), scaled to [-1, 1]."""
+        return normalise(
+            frame_views(images, self.size, self.view), channels_last=self.compiled is None
+        )
 
     @torch.inference_mode()
     def forward(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:

@@ -43,12 +43,20 @@ from models.finetune_vision import (
     update_methods_file,
 )
 from models.splits import grouped_folds
-from models.vision import ARTIFACT_DIR, build_backbone, normalise, trainable_state
+from models.vision import (
+    ARTIFACT_DIR,
+    VIEWS,
+    build_backbone,
+    normalise,
+    trainable_state,
+    view_suffix,
+)
 from models.weights import REFIT_SUFFIX
 from streams.console import console, progress
 from streams.taxonomy import label_names
 
 CV_FILE = "vision_cv.json"
+VIEW_FILE = "vision_view.json"
 
 
 @torch.inference_mode()
@@ -83,20 +91,28 @@ def recipe(method: str) -> dict[str, Any]:
     return {"epochs": int(cfg["epochs"]), "lr": float(cfg["lr"])}
 
 
-def cross_validate(methods: list[str], folds: int = 5, threads: int = 2) -> dict[str, Any]:
-    """Out-of-fold scores of each top method (see the module docstring)."""
+def _prepared(view: str, threads: int) -> tuple[Frames, Activations, list[torch.Tensor]]:
+    """Frames under ``view``, their stage-4 cache and the augmented views of every row."""
     torch.set_num_threads(threads)
-    data = load_frames(keep_raw=False)  # the few views to compute decode their frame
+    data = load_frames(keep_raw=False, view=view)  # the few views to compute decode their frame
     acts = load_activations(data, DEFAULTS["lora"].get("views", 2))
-    views = all_views(data, acts, len(acts.views))
+    return data, acts, all_views(data, acts, len(acts.views))
+
+
+def cross_validate(
+    methods: list[str], folds: int = 5, threads: int = 2, view: str = "crop"
+) -> dict[str, Any]:
+    """Out-of-fold scores of each top method (see the module docstring); each method's entry
+    keeps its out-of-fold label ids (``pred``, -1 for test rows) and the rows' groups."""
+    data, acts, views = _prepared(view, threads)
     pool = data.df["split"].is_in(["train", "val"]).to_numpy()
     fold = np.full(len(data.df), -1)
     fold[pool] = grouped_folds(data.df.filter(pl.Series(pool)), folds).to_numpy()
-    result: dict[str, Any] = {"folds": folds, "rows": int(pool.sum()), "methods": {}}
+    result: dict[str, Any] = {"folds": folds, "rows": int(pool.sum()), "view": view, "methods": {}}
     for method in methods:
         if method not in TOP_METHODS:
             raise ValueError(f"{method}: cross-validation covers the cached methods {TOP_METHODS}")
-        cfg = FinetuneConfig(method=method, threads=threads, **recipe(method))
+        cfg = FinetuneConfig(method=method, threads=threads, view=view, **recipe(method))
         pred = np.full(len(data.df), -1)
         t0 = time.perf_counter()
         for f in range(folds):
@@ -115,8 +131,43 @@ def cross_validate(methods: list[str], folds: int = 5, threads: int = 2) -> dict
             "config": {"epochs": cfg.epochs, "lr": cfg.lr},
             "seconds": round(time.perf_counter() - t0, 1),
             "out_of_fold": scores(data.df[rows], labels),
+            "pred": pred[rows].tolist(),
+            "truth": data.y[rows].tolist(),
+            "groups": data.df[rows]["group"].to_list(),
         }
     return result
+
+
+def view_study(method: str = "top", folds: int = 5, threads: int = 2) -> dict[str, Any]:
+    """The eighth study (docs/crossfit.md): the same recipe and folds read through each frame
+    view; ``squash`` wins only if its out-of-fold macro-F1 minus crop's has a 95% interval,
+    resampling whole groups, above 0."""
+    from models.metrics import grouped_difference
+
+    runs = {
+        view: cross_validate([method], folds, threads, view)["methods"][method] for view in VIEWS
+    }
+    base, cand = runs["crop"], runs["squash"]
+    if base["groups"] != cand["groups"]:
+        raise RuntimeError("the two views were not scored on the same rows")
+    diff = grouped_difference(
+        np.array(base["truth"]),
+        np.array(cand["pred"]),
+        np.array(base["pred"]),
+        np.array(base["groups"]),
+        labels=list(range(len(label_names()))),
+    )
+    return {
+        "study": "frame view, docs/crossfit.md (eighth study)",
+        "method": method,
+        "folds": folds,
+        "rows": len(base["truth"]),
+        "views": {
+            v: {k: r[k] for k in ("config", "seconds", "out_of_fold")} for v, r in runs.items()
+        },
+        "squash_minus_crop": diff,
+        "chosen": "squash" if diff["lo"] > 0 else "crop",
+    }
 
 
 def refit(
@@ -124,6 +175,7 @@ def refit(
     threads: int = 2,
     out_dir: Path = ARTIFACT_DIR,
     fit_on: str = "train+val",
+    view: str = "crop",
 ) -> dict[str, Any]:
     """Refit ``method`` with its recipe on train + val (test untouched); save and record it.
 
@@ -138,19 +190,19 @@ def refit(
 
     if method not in TOP_METHODS:
         raise ValueError(f"{method}: refits cover the cached methods {', '.join(TOP_METHODS)}")
-    torch.set_num_threads(threads)
-    data = load_frames(keep_raw=False)
-    acts = load_activations(data, DEFAULTS["lora"].get("views", 2))
-    views = all_views(data, acts, len(acts.views))
+    data, acts, views = _prepared(view, threads)
     pool = fit_rows(data.df, "image", fit_on).to_numpy()
     fd = replace(data, df=data.df.with_columns(split=pl.Series(np.where(pool, "train", "test"))))
     tr = fd.rows("train")
-    cfg = FinetuneConfig(method=method, threads=threads, extra={"fit_on": fit_on}, **recipe(method))
+    cfg = FinetuneConfig(
+        method=method, threads=threads, view=view, extra={"fit_on": fit_on}, **recipe(method)
+    )
     model, history, seconds = train_method(
         fd, cfg, Activations(acts.clean, [v[tr] for v in views]), select_epoch=False
     )
     n_trainable = sum(t.numel() for t in trainable_state(model).values())
-    path = save_artifact(model, cfg, out_dir, name=method + fit_suffix(fit_on))
+    name = method + view_suffix(view)
+    path = save_artifact(model, cfg, out_dir, name=name + fit_suffix(fit_on))
     row = {
         "method": method,
         "refit_of": method,
@@ -165,9 +217,9 @@ def refit(
         "history": history,
     }
     if not is_fold(fit_on):
-        update_methods_file(method + REFIT_SUFFIX, row, out_dir)
+        update_methods_file(name + REFIT_SUFFIX, row, out_dir)
     console.print(
-        f"{method}{fit_suffix(fit_on)}: fitted on {len(tr)} {fit_on} frames, {seconds:.0f} s -> "
+        f"{name}{fit_suffix(fit_on)}: fitted on {len(tr)} {fit_on} frames, {seconds:.0f} s -> "
         f"{path.name} ({path.stat().st_size / 1e6:.2f} MB)"
     )
     return row
@@ -181,11 +233,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ARTIFACT_DIR / CV_FILE)
     ap.add_argument("--refit", default=None, help="refit this method on train + val instead")
+    ap.add_argument("--view", choices=VIEWS, default="crop", help="frame view of --refit")
+    ap.add_argument(
+        "--view-study", action="store_true", help="the eighth study: crop against squash"
+    )
     args = ap.parse_args()
     if args.refit:
-        refit(args.refit, args.threads)
+        refit(args.refit, args.threads, view=args.view)
+        return
+    if args.view_study:
+        study = view_study(folds=args.folds, threads=args.threads)
+        (ARTIFACT_DIR / VIEW_FILE).write_text(json.dumps(study, indent=1) + "\n")
+        for view, r in study["views"].items():
+            s, m = r["out_of_fold"], r["out_of_fold"]["macro_f1"]
+            console.print(
+                f"{view}: out-of-fold macro-F1 {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}], "
+                f"CCTV accident F1 {s['cctv']['traffic_accident_f1']:.3f}, "
+                f"no_incident F1 {s['cctv']['no_incident_f1']:.3f}"
+            )
+        d = study["squash_minus_crop"]
+        console.print(
+            f"squash - crop: {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+            f"({d['groups']} groups) -> {study['chosen']}"
+        )
         return
     result = cross_validate(args.methods, args.folds, args.threads)
+    for r in result["methods"].values():  # the per-row reads serve the view study only
+        for key in ("pred", "truth", "groups"):
+            r.pop(key)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for method, r in result["methods"].items():
         s = r["out_of_fold"]

@@ -389,7 +389,14 @@ def train(
     show_default=True,
     help="train+val: refit a recipe chosen on val (<name>-tv, no val score of its own).",
 )
-def finetune(modality: str, method: str, whisper: str, fit_on: str) -> None:
+@click.option(
+    "--frame-view",
+    type=click.Choice(["crop", "squash"]),
+    default="crop",
+    show_default=True,
+    help="Image only: the centre square of a frame, or the whole frame resized (<name>-sq).",
+)
+def finetune(modality: str, method: str, whisper: str, fit_on: str, frame_view: str) -> None:
     """Fine-tune one encoder with one method; writes models/artifacts/<modality>_<method>.*."""
     import importlib
 
@@ -400,19 +407,22 @@ def finetune(modality: str, method: str, whisper: str, fit_on: str) -> None:
         raise click.BadParameter(
             f"{method!r}; {modality} methods: {', '.join(finetuner.METHODS)}", param_hint="--method"
         )
+    if frame_view != "crop" and modality != "image":
+        raise click.BadParameter("only for --modality image", param_hint="--frame-view")
     if modality == "audio":
         cfg = finetuner.FinetuneConfig(model_name=whisper, fit_on=fit_on)
         result = finetuner.run(method, cfg=cfg)
     elif whisper != "tiny.en":
         raise click.BadParameter("only for --modality audio", param_hint="--whisper")
+
     elif modality == "text":
         result = finetuner.run(method, fit_on=fit_on)
     elif fit_on != "train":  # image refits train on the cached stage-4 views (vision_cv)
         from models.vision_cv import refit
 
-        result = refit(method)
+        result = refit(method, view=frame_view)
     else:
-        result = finetuner.run(method)
+        result = finetuner.run(method, view=frame_view)
     console.print_json(data=result)
 
 

@@ -14,7 +14,7 @@ from models.audio import AudioLimits, decode_audio
 from models.images import ImageLimits, decode_image
 from models.speech import SpeechEncoder, call_version
 from models.text import TextEncoder
-from models.vision import centre_crop
+from models.vision import frame_view
 from services.base import BatchService, Output
 from services.speedups import (
     decode_all,
@@ -182,7 +182,7 @@ class VisionService(EncoderService):
         # camera's usual view (models/camera_reference.py).
         image = decode_image(media_bytes(event.media, self.limits.max_bytes), self.limits)
         # Resized and cropped here, on the decode pool, rather than serially before the pass.
-        return centre_crop(image, self.encoder.size), event.camera_id
+        return frame_view(image, self.encoder.size, self.encoder.view), event.camera_id
 
     def embed(self, inputs: list[Any]) -> list[dict[str, Any]]:
         vecs = self.encoder.encode([i[0] for i in inputs], camera_ids=[i[1] for i in inputs])

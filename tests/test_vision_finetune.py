@@ -124,7 +124,7 @@ def test_an_int8_stored_artifact_loads_strictly_and_keeps_the_labels(tmp_path: P
     from safetensors.torch import save_file
 
     from models.vision import (
-        centre_crops,
+        frame_views,
         load_artifact,
         pooled,
         quantise_int8,
@@ -150,7 +150,7 @@ def test_an_int8_stored_artifact_loads_strictly_and_keeps_the_labels(tmp_path: P
     assert path.stat().st_size <= SHIP_BYTES
     loaded, _ = load_artifact(path)
     df = pl.concat([_camera(2), image_table().filter(pl.col("label") == "fire").head(2)])
-    x = normalise(centre_crops(_frames(df)))
+    x = normalise(frame_views(_frames(df)))
     with torch.no_grad():
         a, b = pooled(model, x), pooled(loaded, x)
         same = (model.classifier(a).argmax(1) == loaded.classifier(b).argmax(1)).all()
