@@ -20,6 +20,9 @@ run saw. Each of the two train + val text fold encoders (``models/crossfit.py``:
 recipe fitted on half of the events) embeds every train + val report at each ``wise``; a
 linear head fitted on the encoder's own half predicts the other half, so every report is
 read once by a model that never saw its event. ``wise = 0`` is frozen e5.
+
+``--language-study`` reads the same rows with language directions taken out of the vectors
+(``models.language_basis``; docs/crossfit.md, ninth study).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ STUDY_FILE = "text_wise.json"
 LOEO_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 LOEO_FILE = "text_wise_loeo.json"
 LOEO_POOL = "train+val"
+LANGUAGE_GRID = (2, 3, 4, 5, 8)
+LANGUAGE_FILE = "text_language_loeo.json"
 
 
 def _vectors(
@@ -121,31 +126,52 @@ def _fold_vectors(path: Path, wise: float, keys: list[str], texts: list[str]) ->
     return cached("text", f"{artifact_version(path)}-w{wise:g}", keys, embed)["text"]
 
 
+def _loeo_predictions(
+    paths: list[Path], rows_df: Any, fold: np.ndarray, wise: float, basis_k: int = 0
+) -> np.ndarray:
+    """Leave-events-out label ids of every train + val report: the fold encoder fitted on
+    one half embeds all reports at ``wise``; a linear head fitted on that half reads the
+    other. ``basis_k``: language directions removed first, the basis estimated on the
+    encoder's own half (``models.language_basis``)."""
+    from models.language_basis import language_basis, remove
+
+    keys, texts = rows_df["key"].to_list(), rows_df["text"].to_list()
+    y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
+    pred = np.full(len(y), -1)
+    for held, path in enumerate(paths):  # path: fitted on the rows outside fold `held`
+        x = _fold_vectors(path, wise, keys, texts)
+        own = fold != held
+        x = remove(x, language_basis(x[own], langs[own], basis_k))
+        head = fit_head(x[own], y[own], len(label_names()))
+        with torch.no_grad():
+            pred[~own] = head(torch.from_numpy(x[~own])).argmax(1).numpy()
+    return pred
+
+
+def _loeo_rows() -> tuple[list[Path], Any, np.ndarray]:
+    """The two train + val text fold encoders, the train + val reports and their folds."""
+    from models.crossfit import ensure_folds, fold_ids
+    from models.datasets import text_table
+
+    paths = ensure_folds(LOEO_POOL, ("text",))["text"]
+    rows_df = load_splits(fit_on=LOEO_POOL).train
+    return paths, rows_df, fold_ids(rows_df, text_table(), "text", LOEO_POOL)
+
+
 def loeo_study(grid: tuple[float, ...] = LOEO_GRID, threads: int = 2) -> dict[str, Any]:
     """Leave-events-out macro-F1 of each ``wise`` (module docstring); the choice keeps the
     served ``wise = 1`` unless another beats it with a grouped interval above 0."""
-    from models.crossfit import ensure_folds, fold_ids
-    from models.datasets import text_table
     from models.metrics import grouped_difference
 
     torch.set_num_threads(threads)
-    paths = ensure_folds(LOEO_POOL, ("text",))["text"]
-    rows_df = load_splits(fit_on=LOEO_POOL).train
-    keys, texts = rows_df["key"].to_list(), rows_df["text"].to_list()
-    fold = fold_ids(rows_df, text_table(), "text", LOEO_POOL)
+    paths, rows_df, fold = _loeo_rows()
     y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
     groups = rows_df["group"].to_numpy()
     preds: dict[float, np.ndarray] = {}
     rows: list[dict[str, Any]] = []
     for wise in grid:
-        pred = np.full(len(y), -1)
-        for held, path in enumerate(paths):  # path: fitted on the rows outside fold `held`
-            x = _fold_vectors(path, wise, keys, texts)
-            head = fit_head(x[fold != held], y[fold != held], len(label_names()))
-            with torch.no_grad():
-                pred[fold == held] = head(torch.from_numpy(x[fold == held])).argmax(1).numpy()
-        preds[wise] = pred
-        s = score(y, pred, langs)
+        preds[wise] = _loeo_predictions(paths, rows_df, fold, wise)
+        s = score(y, preds[wise], langs)
         rows.append({"wise": wise, "loeo": s})
         console.print(
             f"wise {wise:g}: leave-events-out macro-F1 {s['macro_f1']['value']:.3f} "
@@ -176,6 +202,66 @@ def loeo_study(grid: tuple[float, ...] = LOEO_GRID, threads: int = 2) -> dict[st
         "chosen": chosen,
     }
     (ARTIFACTS / LOEO_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return doc
+
+
+def language_study(
+    grid: tuple[int, ...] = LANGUAGE_GRID, chosen_k: int = 3, threads: int = 2
+) -> dict[str, Any]:
+    """The ninth study (docs/crossfit.md): leave-events-out reads of the served ``wise = 1``
+    vectors with ``k`` language directions removed. ``chosen_k`` (picked on the grid's
+    non-English macro-F1) ships only if its non-English gain has an event-bootstrap interval
+    above 0 and its change over all reports a lower bound >= -0.02."""
+    from models.metrics import grouped_difference, macro_f1_array
+
+    torch.set_num_threads(threads)
+    paths, rows_df, fold = _loeo_rows()
+    y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
+    groups = rows_df["group"].to_numpy()
+    labels = list(range(len(label_names())))
+    other = langs != "en"
+    preds = {k: _loeo_predictions(paths, rows_df, fold, 1.0, k) for k in sorted({0, *grid})}
+    rows = []
+    for k, pred in preds.items():
+        s = score(y, pred, langs)
+        s["non_english"] = {
+            "macro_f1": macro_f1_array(y[other], pred[other], labels),
+            "accuracy": float(np.mean(pred[other] == y[other])),
+            "n": int(other.sum()),
+            "incidents_as_no_incident": score(y[other], pred[other], langs[other])[
+                "incidents_as_no_incident"
+            ],
+        }
+        rows.append({"k": k, "loeo": s})
+        console.print(
+            f"k {k}: all {s['macro_f1']['value']:.3f}, non-English "
+            f"{s['non_english']['macro_f1']:.3f} (accuracy {s['non_english']['accuracy']:.3f}, "
+            f"incidents->none {s['non_english']['incidents_as_no_incident']:.1%})"
+        )
+    gain_other = grouped_difference(
+        y[other], preds[chosen_k][other], preds[0][other], groups[other], labels
+    )
+    change_all = grouped_difference(y, preds[chosen_k], preds[0], groups, labels)
+    ships = gain_other["lo"] > 0 and change_all["lo"] >= -0.02
+    doc = {
+        "_doc": (
+            "Language directions removed from the served text vectors, read leave-events-out "
+            "(models/text_wise.py --language-study; docs/crossfit.md, ninth study)."
+        ),
+        "folds": [p.name for p in paths],
+        "rows": rows,
+        "chosen_k": chosen_k,
+        "non_english_gain": gain_other,
+        "all_change": change_all,
+        "ships": ships,
+    }
+    (ARTIFACTS / LANGUAGE_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    console.print(
+        f"k {chosen_k} - k 0: non-English {gain_other['value']:+.3f} "
+        f"[{gain_other['lo']:+.3f}, {gain_other['hi']:+.3f}], all {change_all['value']:+.3f} "
+        f"[{change_all['lo']:+.3f}, {change_all['hi']:+.3f}] -> "
+        + ("ships" if ships else "does not ship")
+    )
     return doc
 
 
@@ -223,9 +309,14 @@ def main() -> None:
     ap.add_argument("--apply", default=None, help="an artifact to write with --wise")
     ap.add_argument("--wise", type=float, default=None)
     ap.add_argument("--loeo", action="store_true", help="the leave-events-out study")
+    ap.add_argument(
+        "--language-study", action="store_true", help="language directions out (ninth study)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if args.loeo:
+    if args.language_study:
+        language_study(threads=args.threads)
+    elif args.loeo:
         console.print(f"chosen wise = {loeo_study(threads=args.threads)['chosen']:g}")
     elif args.study:
         doc = study(args.study, threads=args.threads)

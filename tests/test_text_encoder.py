@@ -270,3 +270,24 @@ def test_the_event_bootstrap_difference_sees_a_better_reader_and_no_difference()
     assert 0 < better["lo"] <= better["value"] <= better["hi"]
     same = grouped_difference(y, half, half, groups)
     assert same["value"] == same["lo"] == same["hi"] == 0.0
+
+
+def test_removing_language_directions_pulls_the_language_means_together() -> None:
+    import numpy as np
+
+    from models.language_basis import language_basis, remove
+
+    rng = np.random.default_rng(0)
+    topic = rng.normal(size=(300, 16))
+    shift = np.zeros(16)
+    shift[3] = 4.0  # one language sits apart along one direction
+    langs = np.array(["en"] * 200 + ["it"] * 100)
+    x = topic + np.where(langs[:, None] == "it", shift, 0.0)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    gap = lambda v: np.linalg.norm(v[langs == "it"].mean(0) - v[langs == "en"].mean(0))  # noqa: E731
+    basis = language_basis(x, langs, 1)
+    out = remove(x, basis)
+    assert basis.shape == (1, 16) and abs(basis[0, 3]) > 0.9
+    assert gap(out) < 0.3 * gap(x)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert remove(x, language_basis(x, langs, 0)) is x

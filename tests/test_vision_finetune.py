@@ -155,3 +155,25 @@ def test_an_int8_stored_artifact_loads_strictly_and_keeps_the_labels(tmp_path: P
         a, b = pooled(model, x), pooled(loaded, x)
         same = (model.classifier(a).argmax(1) == loaded.classifier(b).argmax(1)).all()
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99 and bool(same)
+
+
+def test_an_artifact_trained_on_whole_frames_makes_the_encoder_read_whole_frames(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    from models.finetune_vision import FinetuneConfig, save_artifact
+    from models.vision import frame_views
+
+    # A wide frame whose only red is at its left edge: outside the centre square.
+    pixels = np.zeros((256, 455, 3), dtype=np.uint8)
+    pixels[:, :60, 0] = 255
+    frame = Image.fromarray(pixels)
+    assert frame_views([frame], view="crop")[0, 0].max() == 0
+    assert frame_views([frame], view="squash")[0, 0, :, :20].min() > 200
+    model = adapt(build_backbone(), "head")
+    path = save_artifact(model, FinetuneConfig("head", 1, 1e-3, view="squash"), tmp_path)
+    assert path.name == "vision_head-sq.safetensors"
+    enc = VisionEncoder(str(path), camera_reference=False)
+    assert enc.view == "squash"
+    assert torch.equal(enc.preprocess([frame]), normalise(frame_views([frame], view="squash")))
