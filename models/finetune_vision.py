@@ -36,13 +36,13 @@ from models.vision import (
     adapt,
     build_backbone,
     frame_views,
+    input_suffix,
     load_artifact,
     merge_adapters,
     normalise,
     pooled,
     quantise_int8,
     trainable_state,
-    view_suffix,
 )
 from models.weights import EFFNET_LITE0_SHA256, SHIP_BYTES
 from streams.console import console, progress
@@ -70,6 +70,7 @@ class FinetuneConfig:
     # How a stored frame becomes the 224 px input (models.vision.VIEWS); the artifact keeps
     # it, and the encoder that loads the artifact reads frames the same way.
     view: str = "crop"
+    size: int = 224  # input side in px (the tenth study); the encoder follows the artifact
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,14 +94,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Frames:
-    """The image table with its split, stored frames (uint8) and their 224 px inputs (uint8)
-    under ``view``."""
+    """The image table with its split, stored frames (uint8) and their ``size`` px inputs
+    (uint8) under ``view``."""
 
     df: pl.DataFrame
     raw: list[torch.Tensor]
     crops: torch.Tensor
     y: np.ndarray
     view: str = "crop"
+    size: int = 224
 
     def rows(self, split: str) -> np.ndarray:
         """Row indices of one split."""
@@ -108,11 +110,11 @@ class Frames:
 
 
 def load_frames(
-    df: pl.DataFrame | None = None, keep_raw: bool = True, view: str = "crop"
+    df: pl.DataFrame | None = None, keep_raw: bool = True, view: str = "crop", size: int = 224
 ) -> Frames:
     """Decode every frame once into RAM (the data is ~1,600 frames of 256 px).
 
-    ``keep_raw=False`` keeps only the 224 px inputs (enough for methods trained on the
+    ``keep_raw=False`` keeps only the ``size`` px inputs (enough for methods trained on the
     stage-4 cache, and ~3x less memory). ``view``: how a frame becomes that input.
     """
     from models.datasets import image_table
@@ -132,19 +134,19 @@ def load_frames(
                 raw.append(
                     torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
                 )
-            crops.append(frame_views([img], view=view)[0])
+            crops.append(frame_views([img], size, view)[0])
             bar.advance(task)
     y = np.array([names.index(v) for v in df["label"]], dtype=np.int64)
-    return Frames(df, raw, torch.stack(crops), y, view)
+    return Frames(df, raw, torch.stack(crops), y, view, size)
 
 
-def augmenter() -> Any:
-    """Training augmentation on uint8 tensors (never used for val or test)."""
+def augmenter(size: int = 224) -> Any:
+    """Training augmentation on uint8 tensors to ``size`` px (never used for val or test)."""
     from torchvision.transforms import v2
 
     return v2.Compose(
         [
-            v2.RandomResizedCrop(224, scale=(0.4, 1.0), antialias=True),
+            v2.RandomResizedCrop(size, scale=(0.4, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.RandomRotation(8)], p=0.3),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
@@ -227,7 +229,8 @@ def _cache_path(data: Frames, views: int, seed: int, shard: int, shards: int) ->
 
     folder = cache_dir() / "vision_stage4"
     folder.mkdir(parents=True, exist_ok=True)
-    tag = f"{len(data.df)}-{EFFNET_LITE0_SHA256[:8]}-v{views}-s{seed}{view_suffix(data.view)}"
+    suffix = input_suffix(data.view, data.size)
+    tag = f"{len(data.df)}-{EFFNET_LITE0_SHA256[:8]}-v{views}-s{seed}{suffix}"
     return folder / f"{tag}-{shard}of{shards}.pt"
 
 
@@ -265,7 +268,7 @@ def build_activations(
     if path.exists():
         return path
     model = build_backbone().to(memory_format=torch.channels_last)
-    aug = augmenter()
+    aug = augmenter(data.size)
     tr = set(data.rows("train").tolist())
     mine = [i for i in range(len(data.df)) if i % shards == shard]
     out: dict[str, torch.Tensor] = {}
@@ -318,8 +321,11 @@ def train_method(
     Top methods train on cached activations (``acts``); ``full`` and ``bitfit`` on
     augmented images. BatchNorm statistics stay frozen; the classifier's dropout trains.
     """
-    if cfg.view != data.view:
-        raise ValueError(f"the recipe reads frames as {cfg.view!r}, the data as {data.view!r}")
+    if (cfg.view, cfg.size) != (data.view, data.size):
+        raise ValueError(
+            f"the recipe reads frames as {cfg.view!r} at {cfg.size} px, the data as "
+            f"{data.view!r} at {data.size} px"
+        )
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -335,7 +341,7 @@ def train_method(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
-    aug = augmenter()
+    aug = augmenter(data.size)
     val_truth = data.df[va]["label"].to_list()
     history: list[dict[str, Any]] = []
     best: tuple[float, dict[str, torch.Tensor]] = (-1.0, {})
@@ -480,9 +486,9 @@ def reference_study(
 def save_artifact(model: Any, cfg: FinetuneConfig, out_dir: Path, name: str = "") -> Path:
     """The trained tensors (+ classifier) as safetensors, with method and base-weight hash.
 
-    ``name``: the file's stem after ``vision_`` (default: the method and its frame view)."""
+    ``name``: the file's stem after ``vision_`` (default: the method and its frame input)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"vision_{name or cfg.method + view_suffix(cfg.view)}.safetensors"
+    path = out_dir / f"vision_{name or cfg.method + input_suffix(cfg.view, cfg.size)}.safetensors"
     meta = {
         "method": cfg.method,
         "labels": json.dumps(label_names()),
@@ -522,11 +528,12 @@ def run(
     shards: int = 1,
     light: bool = False,
     view: str = "crop",
+    size: int = 224,
 ) -> dict[str, Any]:
     """Fine-tune one method on "train", choose its epoch on "val", save artifact and table row.
 
-    ``view``: how frames become the 224 px input (``models.vision.VIEWS``); a view other
-    than the crop names the artifact and the table row (``top-sq``)."""
+    ``view`` and ``size``: how frames become the input (``models.vision.VIEWS``, px); other
+    than the 224 px crop, they name the artifact and the table row (``top-sq``, ``top-px256``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     params = dict(DEFAULTS[method])
@@ -534,9 +541,9 @@ def run(
         params["epochs"] = epochs
     if lr is not None:
         params["lr"] = lr
-    cfg = FinetuneConfig(method=method, threads=threads, view=view, **params)
+    cfg = FinetuneConfig(method=method, threads=threads, view=view, size=size, **params)
     torch.set_num_threads(threads)
-    data = data or load_frames(keep_raw=method not in TOP_METHODS, view=view)
+    data = data or load_frames(keep_raw=method not in TOP_METHODS, view=view, size=size)
     t0 = time.perf_counter()
     acts = load_activations(data, cfg.views, cfg.seed, shards) if method in TOP_METHODS else None
     cache_seconds = time.perf_counter() - t0
@@ -573,7 +580,7 @@ def run(
         "inference_ms_per_frame": round(inference_ms(model, data.crops[data.rows("val")]), 2),
         "val": study,
     }
-    update_methods_file(method + view_suffix(view), row, out_dir)
+    update_methods_file(method + input_suffix(view, size), row, out_dir)
     print_row(row)
     return row
 

@@ -78,6 +78,7 @@ def refinetune(
                 out_dir=folder,
                 fit_on=vision_fit,
                 view=str(config.get("view", "crop")),
+                size=int(config.get("size", 224)),
             )
         return finetune_vision.run(
             method,
@@ -86,6 +87,7 @@ def refinetune(
             out_dir=folder,
             threads=int(config.get("threads", 1)),
             view=str(config.get("view", "crop")),
+            size=int(config.get("size", 224)),
         )
     from models import finetune_speech
 

@@ -245,6 +245,12 @@ def view_suffix(view: str) -> str:
     return "" if view == "crop" else "-sq"
 
 
+def input_suffix(view: str, size: int) -> str:
+    """What a recipe's frame input adds to an artifact's name (``-sq``, ``-px256``): nothing
+    for the original 224 px crop."""
+    return view_suffix(view) + ("" if size == 224 else f"-px{size}")
+
+
 def frame_view(img: Image.Image, size: int = 224, view: str = "crop") -> Image.Image:
     """The ``size`` x ``size`` input of one frame under ``view`` (see :data:`VIEWS`)."""
     view_suffix(view)  # validates
@@ -315,12 +321,16 @@ class VisionEncoder:
         self.method = "frozen"
         self.artifact = artifact
         self.version = f"effnet-lite0-{EFFNET_LITE0_SHA256[:12]}"
-        self.view = "crop"  # the frozen base and artifacts older than the view field
+        # The frozen base, and artifacts older than these recipe fields, read 224 px crops.
+        self.view = "crop"
+        self.size = 224
         if artifact:
             path = ARTIFACT_DIR / artifact
             self.model, meta = load_artifact(path)
             self.method = meta["method"]
-            self.view = str(json.loads(meta.get("config", "{}")).get("view", "crop"))
+            recipe = json.loads(meta.get("config", "{}"))
+            self.view = str(recipe.get("view", "crop"))
+            self.size = int(recipe.get("size", 224))
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
             self.version = f"{Path(artifact).stem}-{digest}"
             self.task_head: nn.Module | None = self.model.classifier

@@ -47,9 +47,9 @@ from models.vision import (
     ARTIFACT_DIR,
     VIEWS,
     build_backbone,
+    input_suffix,
     normalise,
     trainable_state,
-    view_suffix,
 )
 from models.weights import REFIT_SUFFIX
 from streams.console import console, progress
@@ -57,6 +57,7 @@ from streams.taxonomy import label_names
 
 CV_FILE = "vision_cv.json"
 VIEW_FILE = "vision_view.json"
+SIZE_FILE = "vision_size.json"
 
 
 @torch.inference_mode()
@@ -69,7 +70,7 @@ def all_views(data: Frames, acts: Activations, views: int, seed: int = 0) -> lis
     for v in range(views):
         out[v][tr] = acts.views[v]
     model = build_backbone().to(memory_format=torch.channels_last)
-    aug = augmenter()
+    aug = augmenter(data.size)
     rest = data.rows("val")
     with progress() as bar:
         task = bar.add_task("stages 0-4, val views", total=len(rest))
@@ -91,28 +92,38 @@ def recipe(method: str) -> dict[str, Any]:
     return {"epochs": int(cfg["epochs"]), "lr": float(cfg["lr"])}
 
 
-def _prepared(view: str, threads: int) -> tuple[Frames, Activations, list[torch.Tensor]]:
-    """Frames under ``view``, their stage-4 cache and the augmented views of every row."""
+def _prepared(
+    view: str, threads: int, size: int = 224
+) -> tuple[Frames, Activations, list[torch.Tensor]]:
+    """Frames under ``view`` at ``size`` px, their stage-4 cache and the augmented views of
+    every row."""
     torch.set_num_threads(threads)
-    data = load_frames(keep_raw=False, view=view)  # the few views to compute decode their frame
+    # keep_raw=False: the few views to compute decode their frame
+    data = load_frames(keep_raw=False, view=view, size=size)
     acts = load_activations(data, DEFAULTS["lora"].get("views", 2))
     return data, acts, all_views(data, acts, len(acts.views))
 
 
 def cross_validate(
-    methods: list[str], folds: int = 5, threads: int = 2, view: str = "crop"
+    methods: list[str], folds: int = 5, threads: int = 2, view: str = "crop", size: int = 224
 ) -> dict[str, Any]:
     """Out-of-fold scores of each top method (see the module docstring); each method's entry
     keeps its out-of-fold label ids (``pred``, -1 for test rows) and the rows' groups."""
-    data, acts, views = _prepared(view, threads)
+    data, acts, views = _prepared(view, threads, size)
     pool = data.df["split"].is_in(["train", "val"]).to_numpy()
     fold = np.full(len(data.df), -1)
     fold[pool] = grouped_folds(data.df.filter(pl.Series(pool)), folds).to_numpy()
-    result: dict[str, Any] = {"folds": folds, "rows": int(pool.sum()), "view": view, "methods": {}}
+    result: dict[str, Any] = {
+        "folds": folds,
+        "rows": int(pool.sum()),
+        "view": view,
+        "size": size,
+        "methods": {},
+    }
     for method in methods:
         if method not in TOP_METHODS:
             raise ValueError(f"{method}: cross-validation covers the cached methods {TOP_METHODS}")
-        cfg = FinetuneConfig(method=method, threads=threads, view=view, **recipe(method))
+        cfg = FinetuneConfig(method=method, threads=threads, view=view, size=size, **recipe(method))
         pred = np.full(len(data.df), -1)
         t0 = time.perf_counter()
         for f in range(folds):
@@ -138,36 +149,86 @@ def cross_validate(
     return result
 
 
+def _compare(
+    method: str, folds: int, threads: int, inputs: dict[str, tuple[str, int]], base: str
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """Cross-validate ``method`` once per frame input (name -> (view, px)) on the same folds;
+    the scores of each, and each one's macro-F1 minus ``base``'s with a 95% interval from
+    resampling whole groups (videos, clips, photos)."""
+    from models.metrics import grouped_difference
+
+    runs = {
+        name: cross_validate([method], folds, threads, view, size)["methods"][method]
+        for name, (view, size) in inputs.items()
+    }
+    ref = runs[base]
+    diffs = {}
+    for name, run in runs.items():
+        if run["groups"] != ref["groups"]:
+            raise RuntimeError(f"{name} and {base} were not scored on the same rows")
+        if name != base:
+            diffs[name] = grouped_difference(
+                np.array(ref["truth"]),
+                np.array(run["pred"]),
+                np.array(ref["pred"]),
+                np.array(ref["groups"]),
+                labels=list(range(len(label_names()))),
+            )
+    table = {n: {k: r[k] for k in ("config", "seconds", "out_of_fold")} for n, r in runs.items()}
+    return table, diffs
+
+
 def view_study(method: str = "top", folds: int = 5, threads: int = 2) -> dict[str, Any]:
     """The eighth study (docs/crossfit.md): the same recipe and folds read through each frame
     view; ``squash`` wins only if its out-of-fold macro-F1 minus crop's has a 95% interval,
     resampling whole groups, above 0."""
-    from models.metrics import grouped_difference
-
-    runs = {
-        view: cross_validate([method], folds, threads, view)["methods"][method] for view in VIEWS
-    }
-    base, cand = runs["crop"], runs["squash"]
-    if base["groups"] != cand["groups"]:
-        raise RuntimeError("the two views were not scored on the same rows")
-    diff = grouped_difference(
-        np.array(base["truth"]),
-        np.array(cand["pred"]),
-        np.array(base["pred"]),
-        np.array(base["groups"]),
-        labels=list(range(len(label_names()))),
-    )
+    table, diffs = _compare(method, folds, threads, {v: (v, 224) for v in VIEWS}, "crop")
+    diff = diffs["squash"]
     return {
         "study": "frame view, docs/crossfit.md (eighth study)",
         "method": method,
         "folds": folds,
-        "rows": len(base["truth"]),
-        "views": {
-            v: {k: r[k] for k in ("config", "seconds", "out_of_fold")} for v, r in runs.items()
-        },
+        "rows": table["crop"]["out_of_fold"]["n"],
+        "views": table,
         "squash_minus_crop": diff,
         "chosen": "squash" if diff["lo"] > 0 else "crop",
     }
+
+
+SIZES = (224, 256, 288)
+SIZE_GUARD = 0.005  # a larger input costs more per frame: it must win by this much
+
+
+def size_study(method: str = "top", folds: int = 5, threads: int = 2) -> dict[str, Any]:
+    """The tenth study (docs/crossfit.md): the served recipe at each input size; the best
+    out-of-fold macro-F1 wins, a size above 224 only if it beats 224 by ``SIZE_GUARD``."""
+    table, diffs = _compare(method, folds, threads, {str(n): ("crop", n) for n in SIZES}, "224")
+    best = max(table, key=lambda n: table[n]["out_of_fold"]["macro_f1"]["value"])
+    chosen = best if best == "224" or diffs[best]["value"] >= SIZE_GUARD else "224"
+    return {
+        "study": "frame input size, docs/crossfit.md (tenth study)",
+        "method": method,
+        "folds": folds,
+        "rows": table["224"]["out_of_fold"]["n"],
+        "sizes": table,
+        "minus_224": diffs,
+        "chosen": int(chosen),
+    }
+
+
+def _print_study(table: dict[str, Any], diffs: dict[str, dict[str, float]], base: str) -> None:
+    for name, r in table.items():
+        s, m = r["out_of_fold"], r["out_of_fold"]["macro_f1"]
+        console.print(
+            f"{name}: out-of-fold macro-F1 {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}], "
+            f"CCTV accident F1 {s['cctv']['traffic_accident_f1']:.3f}, "
+            f"no_incident F1 {s['cctv']['no_incident_f1']:.3f}"
+        )
+    for name, d in diffs.items():
+        console.print(
+            f"{name} - {base}: {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+            f"({d['groups']} groups)"
+        )
 
 
 def refit(
@@ -176,6 +237,7 @@ def refit(
     out_dir: Path = ARTIFACT_DIR,
     fit_on: str = "train+val",
     view: str = "crop",
+    size: int = 224,
 ) -> dict[str, Any]:
     """Refit ``method`` with its recipe on train + val (test untouched); save and record it.
 
@@ -190,18 +252,23 @@ def refit(
 
     if method not in TOP_METHODS:
         raise ValueError(f"{method}: refits cover the cached methods {', '.join(TOP_METHODS)}")
-    data, acts, views = _prepared(view, threads)
+    data, acts, views = _prepared(view, threads, size)
     pool = fit_rows(data.df, "image", fit_on).to_numpy()
     fd = replace(data, df=data.df.with_columns(split=pl.Series(np.where(pool, "train", "test"))))
     tr = fd.rows("train")
     cfg = FinetuneConfig(
-        method=method, threads=threads, view=view, extra={"fit_on": fit_on}, **recipe(method)
+        method=method,
+        threads=threads,
+        view=view,
+        size=size,
+        extra={"fit_on": fit_on},
+        **recipe(method),
     )
     model, history, seconds = train_method(
         fd, cfg, Activations(acts.clean, [v[tr] for v in views]), select_epoch=False
     )
     n_trainable = sum(t.numel() for t in trainable_state(model).values())
-    name = method + view_suffix(view)
+    name = method + input_suffix(view, size)
     path = save_artifact(model, cfg, out_dir, name=name + fit_suffix(fit_on))
     row = {
         "method": method,
@@ -234,28 +301,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ARTIFACT_DIR / CV_FILE)
     ap.add_argument("--refit", default=None, help="refit this method on train + val instead")
     ap.add_argument("--view", choices=VIEWS, default="crop", help="frame view of --refit")
+    ap.add_argument("--size", type=int, default=224, help="input px of --refit")
+    ap.add_argument("--size-study", action="store_true", help="the tenth study: input size")
     ap.add_argument(
         "--view-study", action="store_true", help="the eighth study: crop against squash"
     )
     args = ap.parse_args()
     if args.refit:
-        refit(args.refit, args.threads, view=args.view)
+        refit(args.refit, args.threads, view=args.view, size=args.size)
         return
     if args.view_study:
         study = view_study(folds=args.folds, threads=args.threads)
         (ARTIFACT_DIR / VIEW_FILE).write_text(json.dumps(study, indent=1) + "\n")
-        for view, r in study["views"].items():
-            s, m = r["out_of_fold"], r["out_of_fold"]["macro_f1"]
-            console.print(
-                f"{view}: out-of-fold macro-F1 {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}], "
-                f"CCTV accident F1 {s['cctv']['traffic_accident_f1']:.3f}, "
-                f"no_incident F1 {s['cctv']['no_incident_f1']:.3f}"
-            )
-        d = study["squash_minus_crop"]
-        console.print(
-            f"squash - crop: {d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] "
-            f"({d['groups']} groups) -> {study['chosen']}"
-        )
+        _print_study(study["views"], {"squash": study["squash_minus_crop"]}, "crop")
+        console.print(f"chosen: {study['chosen']}")
+        return
+    if args.size_study:
+        study = size_study(folds=args.folds, threads=args.threads)
+        (ARTIFACT_DIR / SIZE_FILE).write_text(json.dumps(study, indent=1) + "\n")
+        _print_study(study["sizes"], study["minus_224"], "224")
+        console.print(f"chosen: {study['chosen']} px")
         return
     result = cross_validate(args.methods, args.folds, args.threads)
     for r in result["methods"].values():  # the per-row reads serve the view study only

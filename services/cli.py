@@ -396,7 +396,16 @@ def train(
     show_default=True,
     help="Image only: the centre square of a frame, or the whole frame resized (<name>-sq).",
 )
-def finetune(modality: str, method: str, whisper: str, fit_on: str, frame_view: str) -> None:
+@click.option(
+    "--frame-size",
+    type=click.IntRange(64, 512),
+    default=224,
+    show_default=True,
+    help="Image only: the input side in px (<name>-px<N> when not 224).",
+)
+def finetune(
+    modality: str, method: str, whisper: str, fit_on: str, frame_view: str, frame_size: int
+) -> None:
     """Fine-tune one encoder with one method; writes models/artifacts/<modality>_<method>.*."""
     import importlib
 
@@ -407,8 +416,10 @@ def finetune(modality: str, method: str, whisper: str, fit_on: str, frame_view: 
         raise click.BadParameter(
             f"{method!r}; {modality} methods: {', '.join(finetuner.METHODS)}", param_hint="--method"
         )
-    if frame_view != "crop" and modality != "image":
-        raise click.BadParameter("only for --modality image", param_hint="--frame-view")
+    if (frame_view, frame_size) != ("crop", 224) and modality != "image":
+        raise click.BadParameter(
+            "only for --modality image", param_hint="--frame-view/--frame-size"
+        )
     if modality == "audio":
         cfg = finetuner.FinetuneConfig(model_name=whisper, fit_on=fit_on)
         result = finetuner.run(method, cfg=cfg)
@@ -420,9 +431,9 @@ def finetune(modality: str, method: str, whisper: str, fit_on: str, frame_view: 
     elif fit_on != "train":  # image refits train on the cached stage-4 views (vision_cv)
         from models.vision_cv import refit
 
-        result = refit(method, view=frame_view)
+        result = refit(method, view=frame_view, size=frame_size)
     else:
-        result = finetuner.run(method, view=frame_view)
+        result = finetuner.run(method, view=frame_view, size=frame_size)
     console.print_json(data=result)
 
 
