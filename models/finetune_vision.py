@@ -670,10 +670,16 @@ def write_card(out_dir: Path = ARTIFACT_DIR) -> Path:
     refit_txt = ""
     if default is not None and default.get("refit_of"):
         # A refit has no val figure of its own: the rows above are those of its recipe.
+        cfg = default["config"]
+        command = f"python -m models.vision_cv --refit {default['method']}" + "".join(
+            f" --{k} {cfg[k]}"
+            for k, base in (("view", "crop"), ("size", 224))
+            if cfg.get(k, base) != base
+        )
         refit_txt = (
             f"\nServed: `{default['artifact']}`, the `{default['refit_of']}` recipe refitted on "
-            f"train + val ({default['train_rows']} frames, {default['config']['epochs']} epochs, "
-            f"last kept; `python -m models.vision_cv --refit {default['refit_of']}`, "
+            f"train + val ({default['train_rows']} frames, {cfg['epochs']} epochs, "
+            f"last kept; `{command}`, "
             f"{default['train_seconds']:.0f} s). Its val rows are training rows, so it has no val "
             "figure; the recipe's are in the tables, its own is the test score below.\n"
         )
@@ -736,7 +742,10 @@ Rebuild: `cityfuse finetune --modality image --method <method>`.
 {refit_txt}
 Splits: `models.splits.three_way(image_table(), "image")`; every choice on **val**; test
 scored once. CCTV = groups `ckay16_*`. Intervals: 95% percentile bootstrap over rows.
-Augmentation (train only): random resized crop (scale 0.4-1), flip, rotation <= 8 deg,
+Input: the centre square of each frame at 224 px, unless a row's name says otherwise
+(`-px<N>`: N px, `-sq`: the whole frame squashed); the encoder reads frames the way its
+artifact's recipe says. Augmentation (train only): random resized crop (scale 0.4-1), flip,
+rotation <= 8 deg,
 colour jitter, Gaussian blur, JPEG quality 30-90. Prompt/prefix tuning: not applicable (a
 CNN has no token sequence to prepend to). Top methods (head, top, lora, ia3) train on
 cached stage 0-4 activations of the clean crop and {DEFAULTS["lora"].get("views", 2)} augmented views per
@@ -757,12 +766,43 @@ channel; their val figures are those of the int8 file.
 |---|---|---|---|
 {chr(10).join(ref_rows)}
 
-{cv_txt}## Test (scored once)
+{cv_txt}{_input_studies(out_dir)}## Test (scored once)
 {test_txt}
 """
     path = out_dir / "vision_model_card.md"
     path.write_text(card)
     return path
+
+
+def _input_studies(out_dir: Path) -> str:
+    """The frame-input studies (docs/crossfit.md, eighth and tenth) as one table."""
+    lines = []
+    for file, key, diff_key in (
+        ("vision_view.json", "views", None),
+        ("vision_size.json", "sizes", "minus_224"),
+    ):
+        path = out_dir / file
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        diffs = doc.get(diff_key, {}) if diff_key else {"squash": doc["squash_minus_crop"]}
+        for name, r in doc[key].items():
+            o, d = r["out_of_fold"], diffs.get(name)
+            vs = f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "0"
+            lines.append(
+                f"| {key[:-1]} {name} | {o['macro_f1']['value']:.3f} | {vs} "
+                f"| {o['cctv']['traffic_accident_f1']:.3f} | {o['cctv']['no_incident_f1']:.3f} "
+                f"| {doc['chosen']} |"
+            )
+    if not lines:
+        return ""
+    return (
+        "## Frame input (top recipe, the cross-validation folds; docs/crossfit.md, eighth and "
+        "tenth studies)\n"
+        "Each candidate against the first of its block; interval: whole groups resampled.\n\n"
+        "| input | out-of-fold macro-F1 | minus first [95%] | CCTV accident F1 "
+        "| CCTV no_incident F1 | chosen |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+    )
 
 
 def score_test(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from models.fusion import ARTIFACT_DIR, HEAD_FILE, META_FILE
+from models.weights import REFIT_SUFFIX
 
 METHOD_FILES = ("text_methods.json", "vision_methods.json", "speech_methods.json")
 MODALITY_OF = {"text": "text", "vision": "image", "speech": "audio"}
@@ -122,12 +123,17 @@ def engineer_rows(folder: Path) -> list[tuple[str, ...]]:
             own = test["scores"].get("own_classifier", {})
             rows = [*rows, {**own, "method": method, "split": "test", "served": True}]
             for t in data.get("earlier_tests", []):
-                earlier = str(t.get("encoder_version", "?")).split("-")[0].removeprefix("vision_")
+                earlier = str(t.get("encoder_version", "?")).removeprefix("vision_")
+                earlier = earlier.rsplit("-", 1)[0]
                 own = t["scores"].get("own_classifier", {})
                 rows.append({**own, "method": f"{earlier} (earlier default)", "split": "test"})
         for r in rows:
             split = _first(r, "split", "scored_on") or ("test" if "test_macro_f1" in r else "val")
             method = str(_first(r, "method", "name") or "?")
+            if default_mod == "image" and str(r.get("artifact", "")).startswith("vision_"):
+                # The artifact names the frame input too (top-px288): rows stay distinct.
+                method = Path(str(r["artifact"])).stem.removeprefix("vision_")
+                method = method.removesuffix(REFIT_SUFFIX)
             if r.get("fit_on"):  # a refit of a chosen recipe: no val figure of its own
                 method += f" refit on {r['fit_on']}"
                 split = "-"

@@ -272,7 +272,7 @@ def refit(
     path = save_artifact(model, cfg, out_dir, name=name + fit_suffix(fit_on))
     row = {
         "method": method,
-        "refit_of": method,
+        "refit_of": name,
         "fit_on": fit_on,
         "train_rows": len(tr),
         "artifact": path.name,
