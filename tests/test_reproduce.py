@@ -30,8 +30,9 @@ def test_selected_artifact_has_a_recipe_its_finetuner_accepts(modality: str) -> 
 
 
 def test_vision_recipe_is_fully_replayed() -> None:
-    """``refinetune`` passes only epochs, lr and threads to the vision run: the rest of the
-    stored recipe must be the run's defaults, or the rebuild would differ."""
+    """``refinetune`` passes only epochs, lr, threads and the frame input (view, size) to the
+    vision run: the rest of the stored recipe must be the run's defaults, or the rebuild
+    would differ."""
     name = selected_artifact("image")
     assert name is not None
     method, config = recipe(ARTIFACT_DIR / name)
@@ -43,6 +44,8 @@ def test_vision_recipe_is_fully_replayed() -> None:
         epochs=config["epochs"],
         lr=config["lr"],
         threads=config["threads"],
+        view=config["view"],
+        size=config["size"],
         extra=extra,
     )
     assert dataclasses.asdict(rebuilt) == config
@@ -69,4 +72,6 @@ def test_a_served_refit_has_its_train_only_twin_with_the_same_recipe(modality: s
         assert (refit.pop("fit_on"), base.pop("fit_on", "train")) == ("train+val", "train")
     if modality == "text":
         assert refit.pop("tag") == base.pop("tag") + "-tv"
+    # Threads are the cores a run had (each replays with its own), not part of the recipe.
+    refit.pop("threads", None), base.pop("threads", None)
     assert refit == base
