@@ -23,7 +23,8 @@ class ImageLimits:
     max_pixels: int = field(default_factory=lambda: defaults().limits.image_pixels)
     max_aspect: float = field(default_factory=lambda: defaults().limits.image_aspect_max)
     # JPEGs are DCT-scaled while decoding so that both sides stay >= this (0: full size);
-    # the vision encoder resizes the shorter side to 224 anyway.
+    # the vision encoder resizes the shorter side to its input size anyway (the vision
+    # service raises this to that size when it is larger).
     draft_px: int = field(default_factory=lambda: defaults().limits.image_draft_px)
 
 

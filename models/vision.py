@@ -253,7 +253,8 @@ def input_suffix(view: str, size: int) -> str:
 
 def frame_view(img: Image.Image, size: int = 224, view: str = "crop") -> Image.Image:
     """The ``size`` x ``size`` input of one frame under ``view`` (see :data:`VIEWS`)."""
-    view_suffix(view)  # validates
+    if view not in VIEWS:
+        raise ValueError(f"unknown frame view {view!r} (one of {', '.join(VIEWS)})")
     if view == "crop":
         return centre_crop(img, size)
     if img.size == (size, size):
@@ -305,7 +306,6 @@ class VisionEncoder:
     """
 
     name = "efficientnet-lite0"
-    size = 224
 
     def __init__(self, artifact: str | None = None, camera_reference: bool | None = None) -> None:
         sel = selection()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -176,6 +177,11 @@ class VisionService(EncoderService):
         self, settings: KafkaSettings, encoder: Any, stop: threading.Event | None = None, **kw: Any
     ) -> None:
         super().__init__(settings, serve_vision(encoder), stop, **kw)
+        if self.limits.draft_px:
+            # JPEGs are DCT-scaled while decoding; never below what the served artifact reads
+            # (288 px since the tenth study), or a large frame would be upscaled back to it.
+            draft = max(self.limits.draft_px, int(self.encoder.size))
+            self.limits = replace(self.limits, draft_px=draft)
 
     def decode(self, event: CameraFrame) -> Any:
         # The camera id travels with the frame: the encoder judges each frame against its

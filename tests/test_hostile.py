@@ -581,3 +581,21 @@ def test_valid_reports_round_trip(text: str, event_id: str, lat: float, lon: flo
         event_id=event_id, ts=utc_now(), text=text, location=Location(lat=lat, lon=lon)
     )
     assert from_bytes(TextReport, to_bytes(msg)) == msg
+
+
+def test_the_vision_service_decodes_frames_no_smaller_than_its_encoder_reads(
+    settings: KafkaSettings, models: Any
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from models.images import ImageLimits, decode_image
+
+    svc = VisionService(settings, models.vision, threading.Event(), group_id="draft-check")
+    buf = io.BytesIO()
+    Image.new("RGB", (1920, 1080), (90, 120, 40)).save(buf, format="JPEG")
+    size = models.vision.size
+    assert min(decode_image(buf.getvalue(), svc.limits).size) >= size
+    if size > ImageLimits().draft_px:  # the configured draft alone would decode too small
+        assert min(decode_image(buf.getvalue(), ImageLimits()).size) < size
