@@ -67,8 +67,8 @@ class FinetuneConfig:
     # Top methods: augmented views per training frame, pushed once through the frozen
     # stages 0-4 and cached; epochs cycle through the clean view and these.
     views: int = 2
-    # How a stored frame becomes the 224 px input (models.vision.VIEWS); the artifact keeps
-    # it, and the encoder that loads the artifact reads frames the same way.
+    # How a stored frame becomes the input (models.vision.VIEWS); the artifact keeps it, and
+    # the encoder that loads the artifact reads frames the same way.
     view: str = "crop"
     size: int = 224  # input side in px (the tenth study); the encoder follows the artifact
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +107,19 @@ class Frames:
     def rows(self, split: str) -> np.ndarray:
         """Row indices of one split."""
         return np.flatnonzero(self.df["split"].to_numpy() == split)
+
+    def aug_source(self, i: int) -> torch.Tensor:
+        """What augmentation starts from for row ``i``: the stored frame, or under the
+        ``squash`` view the squashed frame (training sees the geometry service sees). Frames
+        loaded without their stored pixels (``keep_raw=False``) are decoded here."""
+        if self.view == "squash":
+            return self.crops[i]
+        if self.raw:
+            return self.raw[i]
+        from models.images import decode_image
+
+        img = decode_image(Path(self.df["path"][i]).read_bytes())
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def load_frames(
@@ -235,20 +248,10 @@ def _cache_path(data: Frames, views: int, seed: int, shard: int, shards: int) ->
 
 
 def augmented_views(data: Frames, i: int, views: int, seed: int, aug: Any) -> list[torch.Tensor]:
-    """The ``views`` augmented copies of row ``i``, each seeded by (seed, view, row) so that
-    they do not depend on which process, shard or split asks. Frames loaded without their
-    stored pixels (``keep_raw=False``) are decoded here. Under the ``squash`` frame view
-    the augmentation starts from the squashed frame: training sees the geometry service
-    sees."""
-    if data.raw:
-        raw = data.raw[i]
-    else:
-        from models.images import decode_image
-
-        img = decode_image(Path(data.df["path"][i]).read_bytes())
-        raw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    if data.view == "squash":
-        raw = data.crops[i]
+    """The ``views`` augmented copies of row ``i`` (from :meth:`Frames.aug_source`), each
+    seeded by (seed, view, row) so that they do not depend on which process, shard or split
+    asks."""
+    raw = data.aug_source(i)
     out = []
     for v in range(views):
         torch.manual_seed(seed * 1_000_003 + v * 100_003 + i)
@@ -364,8 +367,8 @@ def train_method(
                     h = src.float().contiguous(memory_format=torch.channels_last)
                     logits = model.classifier(top(model, h))
                 else:
-                    src_of = data.raw if data.view == "crop" else data.crops
-                    logits = model(normalise(torch.stack([aug(src_of[j]) for j in idx])))
+                    batch = [aug(data.aug_source(int(j))) for j in idx]
+                    logits = model(normalise(torch.stack(batch)))
                 loss = nn.functional.cross_entropy(
                     logits,
                     torch.from_numpy(data.y[idx]),
