@@ -8,7 +8,10 @@ labels its own frames with the method's classifier. The out-of-fold predictions 
 folds are scored together. Test groups are never used.
 
 ``python -m models.vision_cv --methods lora top --folds 5`` writes
-``models/artifacts/vision_cv.json`` and prints a table.
+``models/artifacts/vision_cv.json`` and prints a table. ``--view-study`` and ``--size-study``
+read the served recipe through other frame inputs on the same folds (docs/crossfit.md,
+eighth and tenth studies: ``vision_view.json``, ``vision_size.json``); ``--refit M [--size N]
+[--view V]`` refits a recipe on train + val.
 """
 
 from __future__ import annotations
