@@ -343,10 +343,15 @@ def score(y: np.ndarray, pred: np.ndarray, langs: np.ndarray) -> dict[str, Any]:
         for lang in LANGS
         if (langs == lang).any()
     }
-    none = names.index("no_incident")
-    real = y != none
-    out["incidents_as_no_incident"] = float(np.mean(pred[real] == none)) if real.any() else 0.0
+    out["incidents_as_no_incident"] = incidents_as_none(y, pred)
     return out
+
+
+def incidents_as_none(y: np.ndarray, pred: np.ndarray) -> float:
+    """The share of real incidents (label ids) read as ``no_incident``."""
+    none = label_names().index("no_incident")
+    real = y != none
+    return float(np.mean(pred[real] == none)) if real.any() else 0.0
 
 
 # --- one run --------------------------------------------------------------------------------

@@ -68,17 +68,18 @@ def refinetune(
         from models import finetune_vision
 
         vision_fit = fit_on or config.get("extra", {}).get("fit_on", "train")
+        # Recipes older than the frame-input fields read 224 px centre crops.
+        view, size = str(config.get("view", "crop")), int(config.get("size", 224))
         if vision_fit != "train":
             from models.vision_cv import refit
 
-            threads = int(config.get("threads", 1))
             return refit(
                 method,
-                threads=threads,
+                threads=int(config.get("threads", 1)),
                 out_dir=folder,
                 fit_on=vision_fit,
-                view=str(config.get("view", "crop")),
-                size=int(config.get("size", 224)),
+                view=view,
+                size=size,
             )
         return finetune_vision.run(
             method,
@@ -86,8 +87,8 @@ def refinetune(
             lr=float(config["lr"]),
             out_dir=folder,
             threads=int(config.get("threads", 1)),
-            view=str(config.get("view", "crop")),
-            size=int(config.get("size", 224)),
+            view=view,
+            size=size,
         )
     from models import finetune_speech
 

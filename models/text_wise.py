@@ -44,6 +44,7 @@ from models.finetune_text import (
     _metadata,
     embed_texts,
     fit_head,
+    incidents_as_none,
     load_classifier,
     load_splits,
     most_even,
@@ -228,9 +229,7 @@ def language_study(
             "macro_f1": macro_f1_array(y[other], pred[other], labels),
             "accuracy": float(np.mean(pred[other] == y[other])),
             "n": int(other.sum()),
-            "incidents_as_no_incident": score(y[other], pred[other], langs[other])[
-                "incidents_as_no_incident"
-            ],
+            "incidents_as_no_incident": incidents_as_none(y[other], pred[other]),
         }
         rows.append({"k": k, "loeo": s})
         console.print(
