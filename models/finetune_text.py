@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.codeswitch import CodeSwitcher
 from models.e5_convert import PASSAGE, load_e5, mean_pool
 from models.metrics import bootstrap_ci, record_test
 from models.splits import fit_suffix, is_fold
@@ -68,6 +69,9 @@ class FTConfig:
     fit_on: str = "train"
     # WiSE-FT (models/text_wise.py): load base + wise * (LoRA delta); 1 = as trained.
     wise: float = 1.0
+    # Share of English training rows code-switched into es/it/pt per batch (models/codeswitch.py;
+    # docs/crossfit.md, eleventh study). 0 = the reports as they are.
+    codeswitch: float = 0.0
 
     @property
     def name(self) -> str:
@@ -432,6 +436,8 @@ def train_steps(
     """The step budget: class-balanced batches, cross-entropy (+ optional consistency)."""
     torch.manual_seed(cfg.seed)
     texts, y = splits.train["text"].to_list(), splits.train["y"].to_numpy()
+    langs = splits.train["lang"].to_list()
+    switcher = CodeSwitcher(cfg.codeswitch, cfg.seed) if cfg.codeswitch else None
     enc_params = [p for n, p in model.named_parameters() if p.requires_grad and "head" not in n]
     groups: list[dict[str, Any]] = [
         {"params": enc_params, "lr": cfg.learning_rate()},
@@ -448,7 +454,8 @@ def train_steps(
     with progress() as bar:
         task = bar.add_task(f"{cfg.name}: train", total=cfg.steps)
         for idx in balanced_batches(y, cfg.batch, cfg.steps, cfg.seed):
-            batch = tokenize(tokenizer, [texts[i] for i in idx], cfg.max_length)
+            rows = [texts[i] if switcher is None else switcher(texts[i], langs[i]) for i in idx]
+            batch = tokenize(tokenizer, rows, cfg.max_length)
             emb = model.embed(**batch)
             loss = nn.functional.cross_entropy(model.head(emb), torch.from_numpy(y[idx]))
             if cfg.consistency:

@@ -22,7 +22,9 @@ linear head fitted on the encoder's own half predicts the other half, so every r
 read once by a model that never saw its event. ``wise = 0`` is frozen e5.
 
 ``--language-study`` reads the same rows with language directions taken out of the vectors
-(``models.language_basis``; docs/crossfit.md, ninth study).
+(``models.language_basis``; docs/crossfit.md, ninth study). ``--codeswitch-study`` reads
+them with fold encoders trained on code-switched reports (``models.codeswitch``; eleventh
+study).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from models.finetune_text import (
     load_classifier,
     load_splits,
     most_even,
+    run,
     save_artifact,
     scale_lora,
     score,
@@ -64,6 +67,9 @@ LOEO_FILE = "text_wise_loeo.json"
 LOEO_POOL = "train+val"
 LANGUAGE_GRID = (2, 3, 4, 5, 8)
 LANGUAGE_FILE = "text_language_loeo.json"
+CODESWITCH_P = 0.5  # fixed by the eleventh study's rule, not tuned
+CODESWITCH_FILE = "text_codeswitch_loeo.json"
+CITY_LANGS = ("es", "it", "pt")
 
 
 def _vectors(
@@ -264,6 +270,106 @@ def language_study(
     return doc
 
 
+def recipe_folds(codeswitch: float, threads: int = 2) -> list[Path]:
+    """The two train + val text fold encoders of the served recipe with ``codeswitch`` set,
+    fitted once into the cross-fit cache (0 gives ``models.crossfit``'s own fold names)."""
+    from models.crossfit import FOLDS, fold_dir
+    from models.reproduce import recipe, selected_artifact
+    from models.splits import crossfit_fit_on
+    from models.weights import REFIT_SUFFIX
+
+    served = selected_artifact("text")
+    if served is None:
+        raise ValueError("text serves frozen e5: there is no recipe to refit")
+    method, config = recipe(ARTIFACTS / served)
+    config.pop("method", None)
+    steps = int(config.pop("steps"))
+    tag = str(config.pop("tag", "")).removesuffix(REFIT_SUFFIX)
+    if codeswitch:
+        tag += f"-cs{round(codeswitch * 100)}"
+    paths = []
+    for held in range(FOLDS):
+        fit_on = crossfit_fit_on(LOEO_POOL, held, FOLDS)
+        path = fold_dir() / f"text_{method}-{tag}{fit_suffix(fit_on)}.safetensors"
+        if not path.exists():
+            run(
+                method,
+                steps=steps,
+                tag=tag,
+                out_dir=fold_dir(),
+                **{**config, "fit_on": fit_on, "codeswitch": codeswitch, "threads": threads},
+            )
+        paths.append(path)
+    return paths
+
+
+def codeswitch_study(p: float = CODESWITCH_P, threads: int = 2) -> dict[str, Any]:
+    """The eleventh study (docs/crossfit.md): leave-events-out reads of fold encoders trained
+    with ``p`` of the English rows code-switched against the served recipe's. Ships only if the
+    es/it/pt macro-F1 gain is above 0 at the point and the change over all reports has a
+    95% event-bootstrap lower bound >= -0.02."""
+    from models.metrics import grouped_difference, macro_f1_array
+
+    torch.set_num_threads(threads)
+    # Fitted first, on ``threads``: the plain ones are the cross-fit cache's own fold encoders.
+    folds = {0.0: recipe_folds(0.0, threads), p: recipe_folds(p, threads)}
+    _, rows_df, fold = _loeo_rows()
+    y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
+    groups = rows_df["group"].to_numpy()
+    labels = list(range(len(label_names())))
+    city, other = np.isin(langs, CITY_LANGS), langs != "en"
+    preds = {q: _loeo_predictions(paths, rows_df, fold, 1.0) for q, paths in folds.items()}
+
+    def subset(mask: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+        return {
+            "macro_f1": macro_f1_array(y[mask], pred[mask], labels),
+            "accuracy": float(np.mean(pred[mask] == y[mask])),
+            "n": int(mask.sum()),
+            "events": len(set(groups[mask])),
+            "incidents_as_no_incident": incidents_as_none(y[mask], pred[mask]),
+        }
+
+    rows = []
+    for q, pred in preds.items():
+        s = score(y, pred, langs)
+        s["city_languages"], s["non_english"] = subset(city, pred), subset(other, pred)
+        s["per_event_city"] = {
+            str(g): float(np.mean(pred[city & (groups == g)] == y[city & (groups == g)]))
+            for g in sorted(set(groups[city]))
+        }
+        rows.append({"codeswitch": q, "loeo": s})
+        console.print(
+            f"codeswitch {q:g}: all {s['macro_f1']['value']:.3f}, es/it/pt "
+            f"{s['city_languages']['macro_f1']:.3f} (accuracy "
+            f"{s['city_languages']['accuracy']:.3f}, incidents->none "
+            f"{s['city_languages']['incidents_as_no_incident']:.1%}), non-English "
+            f"{s['non_english']['macro_f1']:.3f}"
+        )
+    gain_city = grouped_difference(y[city], preds[p][city], preds[0.0][city], groups[city], labels)
+    change_all = grouped_difference(y, preds[p], preds[0.0], groups, labels)
+    ships = gain_city["value"] > 0 and change_all["lo"] >= -0.02
+    doc = {
+        "_doc": (
+            "Code-switched training reports against the served text recipe, read "
+            "leave-events-out (models/text_wise.py --codeswitch-study; docs/crossfit.md, "
+            "eleventh study)."
+        ),
+        "folds": {str(q): [x.name for x in paths] for q, paths in folds.items()},
+        "rows": rows,
+        "city_languages_gain": gain_city,
+        "all_change": change_all,
+        "ships": ships,
+    }
+    (ARTIFACTS / CODESWITCH_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    console.print(
+        f"codeswitch {p:g} - served: es/it/pt {gain_city['value']:+.3f} "
+        f"[{gain_city['lo']:+.3f}, {gain_city['hi']:+.3f}], all {change_all['value']:+.3f} "
+        f"[{change_all['lo']:+.3f}, {change_all['hi']:+.3f}] -> "
+        + ("ships" if ships else "does not ship")
+    )
+    return doc
+
+
 def choose(rows: list[dict[str, Any]]) -> float:
     """The text rule (:func:`models.finetune_text.most_even`) over ``wise`` rows."""
     pick = most_even(
@@ -311,9 +417,14 @@ def main() -> None:
     ap.add_argument(
         "--language-study", action="store_true", help="language directions out (ninth study)"
     )
+    ap.add_argument(
+        "--codeswitch-study", action="store_true", help="code-switched training (eleventh study)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if args.language_study:
+    if args.codeswitch_study:
+        codeswitch_study(threads=args.threads)
+    elif args.language_study:
         language_study(threads=args.threads)
     elif args.loeo:
         console.print(f"chosen wise = {loeo_study(threads=args.threads)['chosen']:g}")

@@ -58,7 +58,7 @@ def test_one_tiny_lora_step_changes_the_adapter() -> None:
     from models.finetune_text import FTConfig, build, train_steps, trainable_state
 
     splits = _eight_reports()
-    cfg = FTConfig("lora", steps=2, batch=4, lr=1e-2)
+    cfg = FTConfig("lora", steps=2, batch=4, lr=1e-2, codeswitch=1.0)
     model, tokenizer = build("lora", cfg)
     before = trainable_state(model)
     losses = train_steps(model, tokenizer, splits, np.zeros((8, 384), np.float32), cfg)
@@ -291,3 +291,25 @@ def test_removing_language_directions_pulls_the_language_means_together() -> Non
     assert gap(out) < 0.3 * gap(x)
     assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     assert remove(x, language_basis(x, langs, 0)) is x
+
+
+def test_code_switching_translates_lexicon_words_of_english_rows_only() -> None:
+    import numpy as np
+
+    from models.codeswitch import TARGETS, CodeSwitcher, lexicon, switch
+
+    text = "Huge fire near the bridge, people injured. Call 112!"
+    rng = np.random.default_rng(0)
+    assert switch(text, "it", rng, word_p=0.0) == text
+    out = switch(text, "it", rng, word_p=1.0)
+    # Every lexicon word is gone, each replaced by an Italian translation; the rest is kept.
+    assert "incendio" in out or "fuoco" in out
+    assert out.startswith("Enorme ") and out.endswith("Call 112!")
+    assert not {w.lower() for w in out.replace(",", " ").split()} & {"fire", "bridge", "the"}
+    table = lexicon()
+    assert len(table) > 150 and all(set(v) == set(TARGETS) for v in table.values())
+    # A non-English row is never touched; English rows are switched about row_p of the time.
+    cs = CodeSwitcher(row_p=0.5, seed=0)
+    assert all(cs(text, "es") == text for _ in range(50))
+    switched = sum(cs(text, "en") != text for _ in range(400))
+    assert 150 < switched < 250
