@@ -857,6 +857,9 @@ def main() -> None:
     ap.add_argument(
         "--fit-on", choices=FIT_ON, default="train", help="train+val: refit a chosen recipe"
     )
+    ap.add_argument(
+        "--codeswitch", type=float, default=0.0, help="share of English rows code-switched"
+    )
     args = ap.parse_args()
     if args.score_test:
         console.print_json(data=score_test(args.score_test))
@@ -879,6 +882,7 @@ def main() -> None:
         lora_r=args.lora_r,
         lora_targets=args.lora_targets,
         fit_on=args.fit_on,
+        codeswitch=args.codeswitch,
     )
     v = r["val"]
     if v is None:
