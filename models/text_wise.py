@@ -67,8 +67,7 @@ LOEO_FILE = "text_wise_loeo.json"
 LOEO_POOL = "train+val"
 LANGUAGE_GRID = (2, 3, 4, 5, 8)
 LANGUAGE_FILE = "text_language_loeo.json"
-CODESWITCH_P = 0.5  # fixed by the eleventh study's rule, not tuned
-CODESWITCH_FILE = "text_codeswitch_loeo.json"
+CODESWITCH_P = 0.5  # the eleventh study's share (its rule fixed it); --codeswitch-p for others
 CITY_LANGS = ("es", "it", "pt")
 
 
@@ -303,6 +302,11 @@ def recipe_folds(codeswitch: float, threads: int = 2) -> list[Path]:
     return paths
 
 
+def codeswitch_file(p: float) -> str:
+    """Where the study of code-switch share ``p`` writes its reading."""
+    return f"text_codeswitch{round(p * 100)}_loeo.json"
+
+
 def codeswitch_study(p: float = CODESWITCH_P, threads: int = 2) -> dict[str, Any]:
     """The eleventh study (docs/crossfit.md): leave-events-out reads of fold encoders trained
     with ``p`` of the English rows code-switched against the served recipe's. Ships only if the
@@ -360,7 +364,7 @@ def codeswitch_study(p: float = CODESWITCH_P, threads: int = 2) -> dict[str, Any
         "all_change": change_all,
         "ships": ships,
     }
-    (ARTIFACTS / CODESWITCH_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    (ARTIFACTS / codeswitch_file(p)).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     console.print(
         f"codeswitch {p:g} - served: es/it/pt {gain_city['value']:+.3f} "
         f"[{gain_city['lo']:+.3f}, {gain_city['hi']:+.3f}], all {change_all['value']:+.3f} "
@@ -420,10 +424,13 @@ def main() -> None:
     ap.add_argument(
         "--codeswitch-study", action="store_true", help="code-switched training (eleventh study)"
     )
+    ap.add_argument(
+        "--codeswitch-p", type=float, default=CODESWITCH_P, help="its share of English rows"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.codeswitch_study:
-        codeswitch_study(threads=args.threads)
+        codeswitch_study(args.codeswitch_p, threads=args.threads)
     elif args.language_study:
         language_study(threads=args.threads)
     elif args.loeo:
