@@ -806,6 +806,7 @@ def write_card(
         " encoder and head that never saw its event; `python -m models.text_wise --loeo`;"
         " docs/crossfit.md, seventh study):",
     )
+    lines += _codeswitch_lines(table.parent)
     from models.crisismmd_adapter import card_lines
 
     lines += card_lines(table.parent)
@@ -834,6 +835,45 @@ def _wise_lines(path: Path, key: str, heading: str) -> list[str]:
             + f" | {r[key]['incidents_as_no_incident']:.1%} |"
         )
     return [*lines, "", f"Chosen: wise = {w['chosen']:g}."]
+
+
+def _codeswitch_lines(folder: Path) -> list[str]:
+    """Model-card table of the code-switching studies (``text_codeswitch*_loeo.json``)."""
+    files = sorted(folder.glob("text_codeswitch*_loeo.json"))
+    if not files:
+        return []
+    lines = [
+        "",
+        "Code-switched training reports read leave-events-out (`python -m models.text_wise"
+        " --codeswitch-study --codeswitch-p P`; docs/crossfit.md, eleventh and twelfth studies;"
+        " not served: English lost more than the rule allows):",
+        "",
+        "| share switched | all macro-F1 | en | es | it | pt | es/it/pt macro-F1 |"
+        " es/it/pt incidents → no_incident | es/it/pt minus served [95% CI] |"
+        " all minus served [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, f in enumerate(files):
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        gain, change = doc["city_languages_gain"], doc["all_change"]
+        for r in doc["rows"][0 if i == 0 else 1 :]:  # the served row once
+            s, city = r["loeo"], r["loeo"]["city_languages"]
+            served = r["codeswitch"] == 0
+            lines.append(
+                f"| {r['codeswitch']:g} | {s['macro_f1']['value']:.3f} | "
+                + " | ".join(
+                    f"{s['per_language'][k]['value']:.3f}" if k in s["per_language"] else "-"
+                    for k in LANGS
+                )
+                + f" | {city['macro_f1']:.3f} | {city['incidents_as_no_incident']:.1%} | "
+                + (
+                    "- | - |"
+                    if served
+                    else f"{gain['value']:+.3f} [{gain['lo']:+.3f}, {gain['hi']:+.3f}] | "
+                    f"{change['value']:+.3f} [{change['lo']:+.3f}, {change['hi']:+.3f}] |"
+                )
+            )
+    return lines
 
 
 def main() -> None:
