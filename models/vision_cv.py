@@ -202,21 +202,30 @@ SIZES = (224, 256, 288)
 SIZE_GUARD = 0.005  # a larger input costs more per frame: it must win by this much
 
 
-def size_study(method: str = "top", folds: int = 5, threads: int = 2) -> dict[str, Any]:
-    """The tenth study (docs/crossfit.md): the served recipe at each input size; the best
-    out-of-fold macro-F1 wins, a size above 224 only if it beats 224 by ``SIZE_GUARD``."""
-    table, diffs = _compare(method, folds, threads, {str(n): ("crop", n) for n in SIZES}, "224")
+def size_study(
+    method: str = "top", folds: int = 5, threads: int = 2, sizes: tuple[int, ...] = SIZES
+) -> dict[str, Any]:
+    """The served recipe at each input size of ``sizes`` (tenth study: 224, 256, 288;
+    thirteenth: 288, 320; docs/crossfit.md). The first size is the comparator: the best
+    out-of-fold macro-F1 wins, a larger size only if it beats the first by ``SIZE_GUARD``."""
+    base = str(sizes[0])
+    table, diffs = _compare(method, folds, threads, {str(n): ("crop", n) for n in sizes}, base)
     best = max(table, key=lambda n: table[n]["out_of_fold"]["macro_f1"]["value"])
-    chosen = best if best == "224" or diffs[best]["value"] >= SIZE_GUARD else "224"
+    chosen = best if best == base or diffs[best]["value"] >= SIZE_GUARD else base
     return {
-        "study": "frame input size, docs/crossfit.md (tenth study)",
+        "study": "frame input size, docs/crossfit.md (tenth and thirteenth studies)",
         "method": method,
         "folds": folds,
-        "rows": table["224"]["out_of_fold"]["n"],
+        "rows": table[base]["out_of_fold"]["n"],
         "sizes": table,
-        "minus_224": diffs,
+        f"minus_{base}": diffs,
         "chosen": int(chosen),
     }
+
+
+def size_file(sizes: tuple[int, ...]) -> str:
+    """The study file of a size grid (the tenth study's grid keeps its old name)."""
+    return SIZE_FILE if sizes == SIZES else f"vision_size-{'-'.join(map(str, sizes))}.json"
 
 
 def _print_study(table: dict[str, Any], diffs: dict[str, dict[str, float]], base: str) -> None:
@@ -307,6 +316,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224, help="input px of --refit")
     ap.add_argument("--size-study", action="store_true", help="the tenth study: input size")
     ap.add_argument(
+        "--sizes", type=int, nargs="+", default=list(SIZES), help="--size-study grid, first = base"
+    )
+    ap.add_argument(
         "--view-study", action="store_true", help="the eighth study: crop against squash"
     )
     args = ap.parse_args()
@@ -320,9 +332,10 @@ def main() -> None:
         console.print(f"chosen: {study['chosen']}")
         return
     if args.size_study:
-        study = size_study(folds=args.folds, threads=args.threads)
-        (ARTIFACT_DIR / SIZE_FILE).write_text(json.dumps(study, indent=1) + "\n")
-        _print_study(study["sizes"], study["minus_224"], "224")
+        sizes = tuple(args.sizes)
+        study = size_study(folds=args.folds, threads=args.threads, sizes=sizes)
+        (ARTIFACT_DIR / size_file(sizes)).write_text(json.dumps(study, indent=1) + "\n")
+        _print_study(study["sizes"], study[f"minus_{sizes[0]}"], str(sizes[0]))
         console.print(f"chosen: {study['chosen']} px")
         return
     result = cross_validate(args.methods, args.folds, args.threads)
