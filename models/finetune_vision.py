@@ -778,17 +778,20 @@ channel; their val figures are those of the int8 file.
 
 
 def _input_studies(out_dir: Path) -> str:
-    """The frame-input studies (docs/crossfit.md, eighth and tenth) as one table."""
+    """The frame-input studies (docs/crossfit.md, eighth, tenth and thirteenth) as one table."""
     lines = []
-    for file, key, diff_key in (
-        ("vision_view.json", "views", None),
-        ("vision_size.json", "sizes", "minus_224"),
-    ):
+    studies = [("vision_view.json", "views")]
+    sizes = sorted(out_dir.glob("vision_size*.json"), key=lambda p: (len(p.name), p.name))
+    studies += [(p.name, "sizes") for p in sizes]  # the tenth study first
+    for file, key in studies:
         path = out_dir / file
         if not path.exists():
             continue
         doc = json.loads(path.read_text())
-        diffs = doc.get(diff_key, {}) if diff_key else {"squash": doc["squash_minus_crop"]}
+        if key == "views":
+            diffs = {"squash": doc["squash_minus_crop"]}
+        else:  # each size study's differences are to its first size
+            diffs = next(v for k, v in doc.items() if k.startswith("minus_"))
         for name, r in doc[key].items():
             o, d = r["out_of_fold"], diffs.get(name)
             vs = f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "0"
@@ -800,8 +803,8 @@ def _input_studies(out_dir: Path) -> str:
     if not lines:
         return ""
     return (
-        "## Frame input (top recipe, the cross-validation folds; docs/crossfit.md, eighth and "
-        "tenth studies)\n"
+        "## Frame input (top recipe, the cross-validation folds; docs/crossfit.md, eighth, "
+        "tenth and thirteenth studies)\n"
         "Each candidate against the first of its block; interval: whole groups resampled.\n\n"
         "| input | out-of-fold macro-F1 | minus first [95%] | CCTV accident F1 "
         "| CCTV no_incident F1 | chosen |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
