@@ -211,6 +211,23 @@ def loeo_study(grid: tuple[float, ...] = LOEO_GRID, threads: int = 2) -> dict[st
     return doc
 
 
+def subset_scores(
+    y: np.ndarray, pred: np.ndarray, groups: np.ndarray, mask: np.ndarray
+) -> dict[str, Any]:
+    """Macro-F1, accuracy, size, events and real incidents read as none of the rows in ``mask``
+    (the language studies' per-subset figures)."""
+    from models.metrics import macro_f1_array
+
+    labels = list(range(len(label_names())))
+    return {
+        "macro_f1": macro_f1_array(y[mask], pred[mask], labels),
+        "accuracy": float(np.mean(pred[mask] == y[mask])),
+        "n": int(mask.sum()),
+        "events": len(set(groups[mask])),
+        "incidents_as_no_incident": incidents_as_none(y[mask], pred[mask]),
+    }
+
+
 def language_study(
     grid: tuple[int, ...] = LANGUAGE_GRID, chosen_k: int = 3, threads: int = 2
 ) -> dict[str, Any]:
@@ -218,7 +235,7 @@ def language_study(
     vectors with ``k`` language directions removed. ``chosen_k`` (picked on the grid's
     non-English macro-F1) ships only if its non-English gain has an event-bootstrap interval
     above 0 and its change over all reports a lower bound >= -0.02."""
-    from models.metrics import grouped_difference, macro_f1_array
+    from models.metrics import grouped_difference
 
     torch.set_num_threads(threads)
     paths, rows_df, fold = _loeo_rows()
@@ -230,12 +247,7 @@ def language_study(
     rows = []
     for k, pred in preds.items():
         s = score(y, pred, langs)
-        s["non_english"] = {
-            "macro_f1": macro_f1_array(y[other], pred[other], labels),
-            "accuracy": float(np.mean(pred[other] == y[other])),
-            "n": int(other.sum()),
-            "incidents_as_no_incident": incidents_as_none(y[other], pred[other]),
-        }
+        s["non_english"] = subset_scores(y, pred, groups, other)
         rows.append({"k": k, "loeo": s})
         console.print(
             f"k {k}: all {s['macro_f1']['value']:.3f}, non-English "
@@ -312,7 +324,7 @@ def codeswitch_study(p: float = CODESWITCH_P, threads: int = 2) -> dict[str, Any
     with ``p`` of the English rows code-switched against the served recipe's. Ships only if the
     es/it/pt macro-F1 gain is above 0 at the point and the change over all reports has a
     95% event-bootstrap lower bound >= -0.02."""
-    from models.metrics import grouped_difference, macro_f1_array
+    from models.metrics import grouped_difference
 
     torch.set_num_threads(threads)
     # Fitted first, on ``threads``: the plain ones are the cross-fit cache's own fold encoders.
@@ -324,19 +336,11 @@ def codeswitch_study(p: float = CODESWITCH_P, threads: int = 2) -> dict[str, Any
     city, other = np.isin(langs, CITY_LANGS), langs != "en"
     preds = {q: _loeo_predictions(paths, rows_df, fold, 1.0) for q, paths in folds.items()}
 
-    def subset(mask: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
-        return {
-            "macro_f1": macro_f1_array(y[mask], pred[mask], labels),
-            "accuracy": float(np.mean(pred[mask] == y[mask])),
-            "n": int(mask.sum()),
-            "events": len(set(groups[mask])),
-            "incidents_as_no_incident": incidents_as_none(y[mask], pred[mask]),
-        }
-
     rows = []
     for q, pred in preds.items():
         s = score(y, pred, langs)
-        s["city_languages"], s["non_english"] = subset(city, pred), subset(other, pred)
+        s["city_languages"] = subset_scores(y, pred, groups, city)
+        s["non_english"] = subset_scores(y, pred, groups, other)
         s["per_event_city"] = {
             str(g): float(np.mean(pred[city & (groups == g)] == y[city & (groups == g)]))
             for g in sorted(set(groups[city]))
