@@ -72,6 +72,9 @@ class FTConfig:
     # Share of English training rows code-switched into es/it/pt per batch (models/codeswitch.py;
     # docs/crossfit.md, eleventh study). 0 = the reports as they are.
     codeswitch: float = 0.0
+    # Weight of 1 - cos(switched copy, clean row held fixed) over the batch's English rows;
+    # the copies are a consistency target only (docs/crossfit.md, fourteenth study).
+    codeswitch_pair: float = 0.0
 
     @property
     def name(self) -> str:
@@ -438,6 +441,7 @@ def train_steps(
     texts, y = splits.train["text"].to_list(), splits.train["y"].to_numpy()
     langs = splits.train["lang"].to_list()
     switcher = CodeSwitcher(cfg.codeswitch, cfg.seed) if cfg.codeswitch else None
+    pairer = CodeSwitcher(1.0, cfg.seed + 1) if cfg.codeswitch_pair else None
     enc_params = [p for n, p in model.named_parameters() if p.requires_grad and "head" not in n]
     groups: list[dict[str, Any]] = [
         {"params": enc_params, "lr": cfg.learning_rate()},
@@ -461,6 +465,10 @@ def train_steps(
             if cfg.consistency:
                 anchor = torch.from_numpy(frozen_train[idx])
                 loss = loss + cfg.consistency * (1 - (emb * anchor).sum(1)).mean()
+            if pairer is not None:
+                batch_langs = [langs[i] for i in idx]
+                pair = pair_loss(model, tokenizer, emb, rows, batch_langs, pairer, cfg.max_length)
+                loss = loss + cfg.codeswitch_pair * pair
             if aux is not None:
                 loss = loss + cfg.crisismmd * aux.loss(model, tokenizer, cfg.max_length)
             opt.zero_grad()
@@ -471,6 +479,24 @@ def train_steps(
             bar.update(task, advance=1, description=f"{cfg.name}: train loss {loss:.3f}")
     model.eval()
     return losses
+
+
+def pair_loss(
+    model: E5Classifier,
+    tokenizer: Any,
+    emb: torch.Tensor,
+    texts: list[str],
+    langs: list[str],
+    pairer: CodeSwitcher,
+    max_length: int,
+) -> torch.Tensor:
+    """Mean ``1 - cos`` between each English row's code-switched copy and the row's own
+    vector (held fixed, so the English reading is the anchor and only the copy moves)."""
+    en = [j for j, lang in enumerate(langs) if lang == "en"]
+    if not en:
+        return emb.new_zeros(())
+    copies = model.embed(**tokenize(tokenizer, [pairer(texts[j], "en") for j in en], max_length))
+    return (1 - (copies * emb[en].detach()).sum(1)).mean()
 
 
 def warmup_then_decay(opt: Any, warmup: int, steps: int) -> Any:
@@ -900,6 +926,9 @@ def main() -> None:
     ap.add_argument(
         "--codeswitch", type=float, default=0.0, help="share of English rows code-switched"
     )
+    ap.add_argument(
+        "--codeswitch-pair", type=float, default=0.0, help="weight of switched-copy consistency"
+    )
     args = ap.parse_args()
     if args.score_test:
         console.print_json(data=score_test(args.score_test))
@@ -923,6 +952,7 @@ def main() -> None:
         lora_targets=args.lora_targets,
         fit_on=args.fit_on,
         codeswitch=args.codeswitch,
+        codeswitch_pair=args.codeswitch_pair,
     )
     v = r["val"]
     if v is None:

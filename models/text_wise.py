@@ -281,9 +281,10 @@ def language_study(
     return doc
 
 
-def recipe_folds(codeswitch: float, threads: int = 2) -> list[Path]:
-    """The two train + val text fold encoders of the served recipe with ``codeswitch`` set,
-    fitted once into the cross-fit cache (0 gives ``models.crossfit``'s own fold names)."""
+def recipe_folds(codeswitch: float, threads: int = 2, pair: float = 0.0) -> list[Path]:
+    """The two train + val text fold encoders of the served recipe with ``codeswitch`` (and
+    ``codeswitch_pair``) set, fitted once into the cross-fit cache (0 gives
+    ``models.crossfit``'s own fold names)."""
     from models.crossfit import FOLDS, fold_dir
     from models.reproduce import recipe, selected_artifact
     from models.splits import crossfit_fit_on
@@ -298,6 +299,10 @@ def recipe_folds(codeswitch: float, threads: int = 2) -> list[Path]:
     tag = str(config.pop("tag", "")).removesuffix(REFIT_SUFFIX)
     if codeswitch:
         tag += f"-cs{round(codeswitch * 100)}"
+    extra = {"codeswitch": codeswitch, "threads": threads}
+    if pair:
+        tag += f"-csp{round(pair * 100)}"
+        extra["codeswitch_pair"] = pair
     paths = []
     for held in range(FOLDS):
         fit_on = crossfit_fit_on(LOEO_POOL, held, FOLDS)
@@ -308,36 +313,42 @@ def recipe_folds(codeswitch: float, threads: int = 2) -> list[Path]:
                 steps=steps,
                 tag=tag,
                 out_dir=fold_dir(),
-                **{**config, "fit_on": fit_on, "codeswitch": codeswitch, "threads": threads},
+                **{**config, "fit_on": fit_on, **extra},
             )
         paths.append(path)
     return paths
 
 
-def codeswitch_file(p: float) -> str:
-    """Where the study of code-switch share ``p`` writes its reading."""
-    return f"text_codeswitch{round(p * 100)}_loeo.json"
+def codeswitch_file(p: float, pair: float = 0.0) -> str:
+    """Where the study of code-switch share ``p`` (or consistency weight ``pair``) writes."""
+    return f"text_codeswitch{f'pair{round(pair * 100)}' if pair else round(p * 100)}_loeo.json"
 
 
-def codeswitch_study(p: float = CODESWITCH_P, threads: int = 2) -> dict[str, Any]:
-    """The eleventh study (docs/crossfit.md): leave-events-out reads of fold encoders trained
-    with ``p`` of the English rows code-switched against the served recipe's. Ships only if the
-    es/it/pt macro-F1 gain is above 0 at the point and the change over all reports has a
-    95% event-bootstrap lower bound >= -0.02."""
+def codeswitch_study(
+    p: float = CODESWITCH_P, threads: int = 2, pair: float = 0.0
+) -> dict[str, Any]:
+    """The eleventh, twelfth and fourteenth studies (docs/crossfit.md): leave-events-out reads
+    of fold encoders trained with ``p`` of the English rows code-switched (or, with ``pair``,
+    every English row kept and its switched copy pulled to it with that weight) against the
+    served recipe's. Ships only if the es/it/pt macro-F1 gain is above 0 at the point and the
+    change over all reports has a 95% event-bootstrap lower bound >= -0.02."""
     from models.metrics import grouped_difference
 
     torch.set_num_threads(threads)
     # Fitted first, on ``threads``: the plain ones are the cross-fit cache's own fold encoders.
-    folds = {0.0: recipe_folds(0.0, threads), p: recipe_folds(p, threads)}
+    settings: list[dict[str, float]] = [{"codeswitch": 0.0}]
+    settings.append({"codeswitch": 0.0, "pair": pair} if pair else {"codeswitch": p})
+    names = ["0.0", f"pair{pair:g}" if pair else str(p)]
+    folds = [recipe_folds(0.0, threads), recipe_folds(settings[1]["codeswitch"], threads, pair)]
     _, rows_df, fold = _loeo_rows()
     y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
     groups = rows_df["group"].to_numpy()
     labels = list(range(len(label_names())))
     city, other = np.isin(langs, CITY_LANGS), langs != "en"
-    preds = {q: _loeo_predictions(paths, rows_df, fold, 1.0) for q, paths in folds.items()}
+    preds = [_loeo_predictions(paths, rows_df, fold, 1.0) for paths in folds]
 
     rows = []
-    for q, pred in preds.items():
+    for setting, name, pred in zip(settings, names, preds, strict=True):
         s = score(y, pred, langs)
         s["city_languages"] = subset_scores(y, pred, groups, city)
         s["non_english"] = subset_scores(y, pred, groups, other)
@@ -345,16 +356,16 @@ def codeswitch_study(p: float = CODESWITCH_P, threads: int = 2) -> dict[str, Any
             str(g): float(np.mean(pred[city & (groups == g)] == y[city & (groups == g)]))
             for g in sorted(set(groups[city]))
         }
-        rows.append({"codeswitch": q, "loeo": s})
+        rows.append({**setting, "loeo": s})
         console.print(
-            f"codeswitch {q:g}: all {s['macro_f1']['value']:.3f}, es/it/pt "
+            f"codeswitch {name}: all {s['macro_f1']['value']:.3f}, es/it/pt "
             f"{s['city_languages']['macro_f1']:.3f} (accuracy "
             f"{s['city_languages']['accuracy']:.3f}, incidents->none "
             f"{s['city_languages']['incidents_as_no_incident']:.1%}), non-English "
             f"{s['non_english']['macro_f1']:.3f}"
         )
-    gain_city = grouped_difference(y[city], preds[p][city], preds[0.0][city], groups[city], labels)
-    change_all = grouped_difference(y, preds[p], preds[0.0], groups, labels)
+    gain_city = grouped_difference(y[city], preds[1][city], preds[0][city], groups[city], labels)
+    change_all = grouped_difference(y, preds[1], preds[0], groups, labels)
     ships = gain_city["value"] > 0 and change_all["lo"] >= -0.02
     doc = {
         "_doc": (
@@ -362,15 +373,17 @@ def codeswitch_study(p: float = CODESWITCH_P, threads: int = 2) -> dict[str, Any
             "leave-events-out (models/text_wise.py --codeswitch-study; docs/crossfit.md, "
             "eleventh study)."
         ),
-        "folds": {str(q): [x.name for x in paths] for q, paths in folds.items()},
+        "folds": {n: [x.name for x in paths] for n, paths in zip(names, folds, strict=True)},
         "rows": rows,
         "city_languages_gain": gain_city,
         "all_change": change_all,
         "ships": ships,
     }
-    (ARTIFACTS / codeswitch_file(p)).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    (ARTIFACTS / codeswitch_file(p, pair)).write_text(
+        json.dumps(doc, indent=1) + "\n", encoding="utf-8"
+    )
     console.print(
-        f"codeswitch {p:g} - served: es/it/pt {gain_city['value']:+.3f} "
+        f"codeswitch {names[1]} - served: es/it/pt {gain_city['value']:+.3f} "
         f"[{gain_city['lo']:+.3f}, {gain_city['hi']:+.3f}], all {change_all['value']:+.3f} "
         f"[{change_all['lo']:+.3f}, {change_all['hi']:+.3f}] -> "
         + ("ships" if ships else "does not ship")
@@ -431,10 +444,13 @@ def main() -> None:
     ap.add_argument(
         "--codeswitch-p", type=float, default=CODESWITCH_P, help="its share of English rows"
     )
+    ap.add_argument(
+        "--codeswitch-pair", type=float, default=0.0, help="or: copies with this consistency"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.codeswitch_study:
-        codeswitch_study(args.codeswitch_p, threads=args.threads)
+        codeswitch_study(args.codeswitch_p, threads=args.threads, pair=args.codeswitch_pair)
     elif args.language_study:
         language_study(threads=args.threads)
     elif args.loeo:
