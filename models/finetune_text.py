@@ -876,8 +876,8 @@ def _codeswitch_lines(folder: Path) -> list[str]:
         " all-reports change's lower bound >= -0.02):",
         "",
         "| code-switching | all macro-F1 | en | es | it | pt | es/it/pt macro-F1 |"
-        " es/it/pt incidents → no_incident | es/it/pt minus served [95% CI] |"
-        " all minus served [95% CI] | ships |",
+        " es/it/pt incidents → no_incident | es/it/pt minus none [95% CI] |"
+        " all minus none [95% CI] | ships |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, f in enumerate(files):
@@ -889,7 +889,7 @@ def _codeswitch_lines(folder: Path) -> list[str]:
             what = (
                 f"copies, consistency {r['pair']:g}"
                 if "pair" in r
-                else ("none (served)" if served else f"{r['codeswitch']:g} of English rows")
+                else ("none" if served else f"{r['codeswitch']:g} of English rows")
             )
             lines.append(
                 f"| {what} | {s['macro_f1']['value']:.3f} | "
