@@ -2,10 +2,13 @@
 
 An English training report has some of its words replaced by their Spanish, Italian or
 Portuguese translations (one language per report), from a small hand-written lexicon
-(``models/lexicons/codeswitch.tsv``). Training on such mixed reports pulls the target
-languages' incident words along with the English ones while the encoder is fine-tuned on
-mostly English data (docs/crossfit.md, eleventh study). Training only: inference reads the
-report as it came.
+(``models/lexicons/codeswitch.tsv``). Two uses while the encoder is fine-tuned on mostly
+English data (docs/crossfit.md): the switched row replaces its original
+(``FTConfig.codeswitch``; eleventh and twelfth studies, English lost, not served), or it is
+a consistency target pulled towards its clean original's vector
+(``FTConfig.codeswitch_pair``, ``models.finetune_text.pair_loss``; fourteenth study,
+served). Either way the city's incident words are tied to the English ones. Training only:
+inference reads the report as it came.
 """
 
 from __future__ import annotations

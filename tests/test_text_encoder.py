@@ -58,7 +58,7 @@ def test_one_tiny_lora_step_changes_the_adapter() -> None:
     from models.finetune_text import FTConfig, build, train_steps, trainable_state
 
     splits = _eight_reports()
-    cfg = FTConfig("lora", steps=2, batch=4, lr=1e-2, codeswitch=1.0)
+    cfg = FTConfig("lora", steps=2, batch=4, lr=1e-2, codeswitch=1.0, codeswitch_pair=1.0)
     model, tokenizer = build("lora", cfg)
     before = trainable_state(model)
     losses = train_steps(model, tokenizer, splits, np.zeros((8, 384), np.float32), cfg)
@@ -313,3 +313,27 @@ def test_code_switching_translates_lexicon_words_of_english_rows_only() -> None:
     assert all(cs(text, "es") == text for _ in range(50))
     switched = sum(cs(text, "en") != text for _ in range(400))
     assert 150 < switched < 250
+
+
+def test_the_code_switch_consistency_loss_is_zero_for_an_unchanged_copy(
+    tuned_text: TextEncoder,
+) -> None:
+    """``pair_loss`` (the served recipe's consistency term) measures how far the switched copy
+    of an English report lies from the report itself: nothing to switch, nothing to pull."""
+    import torch
+
+    from models.codeswitch import CodeSwitcher
+    from models.finetune_text import pair_loss, tokenize
+
+    model = tuned_text.finetuned.model
+    tokenizer = tuned_text.finetuned.tokenizer
+    pairer = CodeSwitcher(1.0, seed=0, word_p=1.0)
+
+    def loss(texts: list[str], langs: list[str]) -> float:
+        with torch.no_grad():
+            emb = model.embed(**tokenize(tokenizer, texts, 64))
+            return float(pair_loss(model, tokenizer, emb, texts, langs, pairer, 64))
+
+    assert abs(loss(["Call 112 quickly!!"], ["en"])) < 1e-5  # no lexicon word: the copy is the row
+    assert loss(["Huge fire near the bridge, people injured"], ["en"]) > 0.01
+    assert loss(["Incendio enorme cerca del puente"], ["es"]) == 0.0  # only English rows pair
