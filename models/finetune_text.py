@@ -883,13 +883,18 @@ def _codeswitch_lines(folder: Path) -> list[str]:
     for i, f in enumerate(files):
         doc = json.loads(f.read_text(encoding="utf-8"))
         gain, change = doc["city_languages_gain"], doc["all_change"]
-        for r in doc["rows"][0 if i == 0 else 1 :]:  # the served row once
+        # Each file's first row is the plain recipe (the same in every file): listed once.
+        pairs = [(False, doc["rows"][1])]
+        if i == 0:
+            pairs.insert(0, (True, doc["rows"][0]))
+        for served, r in pairs:
             s, city = r["loeo"], r["loeo"]["city_languages"]
-            served = r["codeswitch"] == 0 and "pair" not in r
             what = (
-                f"copies, consistency {r['pair']:g}"
+                "none"
+                if served
+                else f"copies, consistency {r['pair']:g}"
                 if "pair" in r
-                else ("none" if served else f"{r['codeswitch']:g} of English rows")
+                else f"{r['codeswitch']:g} of English rows"
             )
             lines.append(
                 f"| {what} | {s['macro_f1']['value']:.3f} | "

@@ -38,6 +38,17 @@ def recipe(path: Path) -> tuple[str, dict[str, Any]]:
     return meta["method"], dict(json.loads(meta["config"]))
 
 
+def text_variant(config: dict[str, Any], tag_suffix: str = "") -> tuple[int, str, dict[str, Any]]:
+    """``(steps, tag, the other settings)`` of a text recipe's ``config`` (from :func:`recipe`),
+    ready for ``finetune_text.run``: the tag without its refit suffix (``run`` names a fit by
+    its ``fit_on``) and with ``tag_suffix`` (a variant of the recipe) appended."""
+    from models.weights import REFIT_SUFFIX
+
+    rest = {k: v for k, v in config.items() if k not in ("method", "steps", "tag")}
+    tag = str(config.get("tag", "")).removesuffix(REFIT_SUFFIX) + tag_suffix
+    return int(config["steps"]), tag, rest
+
+
 def refinetune(
     modality: str, folder: Path = ARTIFACT_DIR, fit_on: str | None = None
 ) -> dict[str, Any] | None:
@@ -46,8 +57,6 @@ def refinetune(
     The new weights overwrite the artifact of the same name (its recipe is unchanged).
     ``fit_on`` fits the same recipe on other rows instead (a cross-fit fold,
     ``models.crossfit``), under that fit's name in ``folder``."""
-    from models.weights import REFIT_SUFFIX
-
     name = selected_artifact(modality)
     if name is None:
         return None
@@ -58,12 +67,8 @@ def refinetune(
     if modality == "text":
         from models import finetune_text
 
-        config.pop("method", None)
-        steps = int(config.pop("steps"))
-        tag = str(config.pop("tag", ""))
-        if fit_on is not None:  # run() names the fit by its fit_on
-            tag = tag.removesuffix(REFIT_SUFFIX)
-        return finetune_text.run(method, steps=steps, tag=tag, out_dir=folder, **config)
+        steps, tag, settings = text_variant(config)
+        return finetune_text.run(method, steps=steps, tag=tag, out_dir=folder, **settings)
     if modality == "image":
         from models import finetune_vision
 

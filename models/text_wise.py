@@ -16,8 +16,8 @@ on the training rows' vectors at that ``wise``.
 
 ``--loeo`` is the leave-events-out reading of the same grid (docs/crossfit.md, seventh
 study): val holds a handful of events, while a city's reports come from events no training
-run saw. Each of the two train + val text fold encoders (``models/crossfit.py``: the served
-recipe fitted on half of the events) embeds every train + val report at each ``wise``; a
+run saw. Each of the two train + val text fold encoders (``recipe_folds``: the recipe of
+``STUDY_BASE``, served while these studies ran, fitted on half of the events) embeds every train + val report at each ``wise``; a
 linear head fitted on the encoder's own half predicts the other half, so every report is
 read once by a model that never saw its event. ``wise = 0`` is frozen e5.
 
@@ -67,6 +67,9 @@ LOEO_FILE = "text_wise_loeo.json"
 LOEO_POOL = "train+val"
 LANGUAGE_GRID = (2, 3, 4, 5, 8)
 LANGUAGE_FILE = "text_language_loeo.json"
+# The recipe every leave-events-out study here reads (served until the fourteenth study): the
+# studies' commands rebuild their files whatever configs/models.json serves now.
+STUDY_BASE = "text_lora-all16-s300-tv.safetensors"
 CODESWITCH_P = 0.5  # the eleventh study's share (its rule fixed it); --codeswitch-p for others
 CITY_LANGS = ("es", "it", "pt")
 
@@ -154,12 +157,13 @@ def _loeo_predictions(
     return pred
 
 
-def _loeo_rows() -> tuple[list[Path], Any, np.ndarray]:
-    """The two train + val text fold encoders, the train + val reports and their folds."""
-    from models.crossfit import ensure_folds, fold_ids
+def _loeo_rows(threads: int = 2) -> tuple[list[Path], Any, np.ndarray]:
+    """The two train + val fold encoders of ``STUDY_BASE``, the train + val reports and their
+    folds (dealt as ``models.crossfit`` deals them)."""
+    from models.crossfit import fold_ids
     from models.datasets import text_table
 
-    paths = ensure_folds(LOEO_POOL, ("text",))["text"]
+    paths = recipe_folds(threads=threads)
     rows_df = load_splits(fit_on=LOEO_POOL).train
     return paths, rows_df, fold_ids(rows_df, text_table(), "text", LOEO_POOL)
 
@@ -170,7 +174,7 @@ def loeo_study(grid: tuple[float, ...] = LOEO_GRID, threads: int = 2) -> dict[st
     from models.metrics import grouped_difference
 
     torch.set_num_threads(threads)
-    paths, rows_df, fold = _loeo_rows()
+    paths, rows_df, fold = _loeo_rows(threads)
     y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
     groups = rows_df["group"].to_numpy()
     preds: dict[float, np.ndarray] = {}
@@ -238,7 +242,7 @@ def language_study(
     from models.metrics import grouped_difference
 
     torch.set_num_threads(threads)
-    paths, rows_df, fold = _loeo_rows()
+    paths, rows_df, fold = _loeo_rows(threads)
     y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
     groups = rows_df["group"].to_numpy()
     labels = list(range(len(label_names())))
@@ -281,40 +285,28 @@ def language_study(
     return doc
 
 
-def recipe_folds(codeswitch: float, threads: int = 2, pair: float = 0.0) -> list[Path]:
-    """The two train + val text fold encoders of the served recipe with ``codeswitch`` (and
-    ``codeswitch_pair``) set, fitted once into the cross-fit cache (0 gives
-    ``models.crossfit``'s own fold names)."""
+def recipe_folds(codeswitch: float = 0.0, threads: int = 2, pair: float = 0.0) -> list[Path]:
+    """The two train + val text fold encoders of the studies' base recipe (``STUDY_BASE``) with
+    ``codeswitch`` (and ``codeswitch_pair``) set, fitted once into the cross-fit cache; the
+    plain recipe's are the names ``models.crossfit`` gave them while it was served."""
     from models.crossfit import FOLDS, fold_dir
-    from models.reproduce import recipe, selected_artifact
+    from models.reproduce import recipe, text_variant
     from models.splits import crossfit_fit_on
-    from models.weights import REFIT_SUFFIX
 
-    served = selected_artifact("text")
-    if served is None:
-        raise ValueError("text serves frozen e5: there is no recipe to refit")
-    method, config = recipe(ARTIFACTS / served)
-    config.pop("method", None)
-    steps = int(config.pop("steps"))
-    tag = str(config.pop("tag", "")).removesuffix(REFIT_SUFFIX)
-    if codeswitch:
-        tag += f"-cs{round(codeswitch * 100)}"
-    extra = {"codeswitch": codeswitch, "threads": threads}
+    method, config = recipe(ARTIFACTS / STUDY_BASE)
+    suffix = (f"-cs{round(codeswitch * 100)}" if codeswitch else "") + (
+        f"-csp{round(pair * 100)}" if pair else ""
+    )
+    steps, tag, settings = text_variant(config, suffix)
+    settings |= {"codeswitch": codeswitch, "threads": threads}
     if pair:
-        tag += f"-csp{round(pair * 100)}"
-        extra["codeswitch_pair"] = pair
+        settings["codeswitch_pair"] = pair
     paths = []
     for held in range(FOLDS):
         fit_on = crossfit_fit_on(LOEO_POOL, held, FOLDS)
         path = fold_dir() / f"text_{method}-{tag}{fit_suffix(fit_on)}.safetensors"
         if not path.exists():
-            run(
-                method,
-                steps=steps,
-                tag=tag,
-                out_dir=fold_dir(),
-                **{**config, "fit_on": fit_on, **extra},
-            )
+            run(method, steps=steps, tag=tag, out_dir=fold_dir(), **settings, fit_on=fit_on)
         paths.append(path)
     return paths
 
@@ -330,17 +322,16 @@ def codeswitch_study(
     """The eleventh, twelfth and fourteenth studies (docs/crossfit.md): leave-events-out reads
     of fold encoders trained with ``p`` of the English rows code-switched (or, with ``pair``,
     every English row kept and its switched copy pulled to it with that weight) against the
-    served recipe's. Ships only if the es/it/pt macro-F1 gain is above 0 at the point and the
+    base recipe's (``STUDY_BASE``). Ships only if the es/it/pt macro-F1 gain is above 0 at the point and the
     change over all reports has a 95% event-bootstrap lower bound >= -0.02."""
     from models.metrics import grouped_difference
 
     torch.set_num_threads(threads)
-    # Fitted first, on ``threads``: the plain ones are the cross-fit cache's own fold encoders.
     settings: list[dict[str, float]] = [{"codeswitch": 0.0}]
     settings.append({"codeswitch": 0.0, "pair": pair} if pair else {"codeswitch": p})
     names = ["0.0", f"pair{pair:g}" if pair else str(p)]
-    folds = [recipe_folds(0.0, threads), recipe_folds(settings[1]["codeswitch"], threads, pair)]
-    _, rows_df, fold = _loeo_rows()
+    base_folds, rows_df, fold = _loeo_rows(threads)
+    folds = [base_folds, recipe_folds(settings[1]["codeswitch"], threads, pair)]
     y, langs = rows_df["y"].to_numpy(), rows_df["lang"].to_numpy()
     groups = rows_df["group"].to_numpy()
     labels = list(range(len(label_names())))
